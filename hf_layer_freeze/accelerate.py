@@ -1,0 +1,220 @@
+"""`LayerFreezer`: the freezing engine, and the helper for custom Accelerate loops."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .distributed import check_supported_wrapping, find_ddp_wrapper, is_distributed, rebuild_ddp_reducer
+from .freezing import FreezeResult, freeze_parameters, frozen_param_groups
+from .schedule import freeze_fraction, num_units_to_freeze, validate_freeze_level, validate_freeze_start
+from .units import FreezableUnit, freezable_units, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerFreezer"]
+
+
+class LayerFreezer:
+    """
+    Progressively freezes the earliest units of a model and keeps its optimizer (and DDP) consistent.
+
+    `update(progress)` freezes the first `floor(freeze_fraction(progress) * N)` of the model's N freezable units
+    (see `freezable_units`): their parameters get `requires_grad=False`, lose their gradient, and leave every
+    param group of the optimizer (empty groups stay, since LR schedulers index them). Their optimizer state is
+    kept, and `optimizer.state_dict()` keeps the full standard layout, so checkpoints load into a fresh optimizer
+    and into a frozen one alike. Freezing is monotonic and idempotent. Under DDP, the reducer is rebuilt in place
+    after each freeze so that frozen parameters are no longer all-reduced.
+
+    The freezer is checkpointable: register it with `accelerator.register_for_checkpointing(freezer)` and
+    `accelerator.load_state` re-applies the freeze that was in effect when the state was saved, whether the
+    freezer has already frozen something or not.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, raw or as returned by `accelerator.prepare` (DDP-wrapped, compiled).
+        optimizer (`torch.optim.Optimizer`):
+            Its optimizer, raw or an Accelerate `AcceleratedOptimizer`.
+        freeze_start (`float`, *optional*, defaults to 0.5):
+            Fraction of training, in [0, 1), after which freezing starts.
+        freeze_level (`float`, *optional*, defaults to 1.0):
+            Fraction of the units frozen at the end of training, in [0, 1].
+
+    Example:
+
+    ```python
+    >>> import timm, torch
+    >>> from hf_layer_freeze import LayerFreezer
+    >>> model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> freezer = LayerFreezer(model, optimizer, freeze_start=0.5, freeze_level=1.0)
+    >>> freezer.update(0.75).frozen_units  # half of the 28 units
+    14
+    ```
+
+    In an Accelerate loop:
+
+    ```python
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    freezer = LayerFreezer(model, optimizer)
+    accelerator.register_for_checkpointing(freezer)
+    for epoch in range(num_epochs):
+        for batch in loader:
+            ...
+        freezer.update((epoch + 1) / num_epochs)  # at the end of each epoch, as the method card says
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        freeze_start: float = 0.5,
+        freeze_level: float = 1.0,
+    ) -> None:
+        self.freeze_start = validate_freeze_start(freeze_start)
+        self.freeze_level = validate_freeze_level(freeze_level)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        check_supported_wrapping(model, optimizer)
+
+        self.model = model
+        self.optimizer = optimizer
+        self.units: list[FreezableUnit] = freezable_units(model)
+        if not self.units:
+            raise ValueError(
+                f"model ({type(unwrap_model(model)).__name__}) has no freezable unit: it needs at least one module "
+                "owning parameters besides the classification head"
+            )
+        self._param_groups = frozen_param_groups(optimizer)
+        model_param_ids = {id(p) for p in unwrap_model(model).parameters()}
+        if not model_param_ids & self._param_groups.parameter_ids:
+            raise ValueError(
+                "optimizer holds none of the model's parameters: build it from model.parameters() "
+                "(the same model passed to LayerFreezer)"
+            )
+        self._total_params = sum(p.numel() for p in unwrap_model(model).parameters())
+        self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
+        self._ddp_needs_rebuild = False
+        self.frozen_units = 0
+        self.fraction = 0.0
+        # Units that are frozen already (a second freezer on the same model) count as frozen.
+        while self.frozen_units < len(self.units) and not any(
+            p.requires_grad for p in self.units[self.frozen_units].parameters
+        ):
+            self.frozen_units += 1
+
+    @property
+    def num_units(self) -> int:
+        """Number of freezable units."""
+        return len(self.units)
+
+    @property
+    def ddp_model(self) -> DistributedDataParallel | None:
+        """The DDP wrapper whose reducer is rebuilt after each freeze, if any."""
+        return self._ddp
+
+    def set_ddp_model(self, ddp_model: DistributedDataParallel) -> None:
+        """
+        Hand over the DDP wrapper of the model (for callers that only hold the unwrapped model, as Trainer
+        callbacks do). A freeze that happened before it was known is applied to its reducer now.
+        """
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise ValueError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
+        if unwrap_model(ddp_model) is not unwrap_model(self.model):
+            raise ValueError("ddp_model does not wrap the model this LayerFreezer freezes")
+        self._ddp = ddp_model
+        if self._ddp_needs_rebuild:
+            self.sync_ddp()
+
+    def sync_ddp(self) -> None:
+        """Rebuild the DDP reducer now if a freeze happened since the last rebuild (between iterations only)."""
+        if self._ddp is not None and self._ddp_needs_rebuild:
+            rebuild_ddp_reducer(self._ddp)
+            self._ddp_needs_rebuild = False
+
+    def num_units_at(self, progress: float) -> int:
+        """How many units the schedule freezes at `progress` (no side effect)."""
+        return num_units_to_freeze(freeze_fraction(progress, self.freeze_start, self.freeze_level), self.num_units)
+
+    def update(self, progress: float) -> FreezeResult:
+        """
+        Freeze the units the schedule asks for at `progress` through training.
+
+        Args:
+            progress (`float`):
+                Fraction of training done, in [0, 1] (for instance `step / total_steps`). Every rank must pass
+                the same value: derive it from step counts, never from timing.
+
+        Returns:
+            `FreezeResult`: what is frozen now.
+        """
+        fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
+        result = self.freeze_units(num_units_to_freeze(fraction, self.num_units))
+        self.fraction = max(self.fraction, fraction)
+        return FreezeResult(**{**result.__dict__, "fraction": self.fraction})
+
+    def freeze_units(self, count: int) -> FreezeResult:
+        """
+        Freeze the first `count` units (never unfreezes: a smaller count than what is frozen does nothing).
+
+        Args:
+            count (`int`):
+                Number of units to have frozen, in [0, `num_units`].
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self.num_units:
+            raise ValueError(f"count must be an integer in [0, {self.num_units}], got {count!r}")
+        newly = self.units[self.frozen_units : count]
+        if newly:
+            params = [p for unit in newly for p in unit.parameters]
+            freeze_parameters(params)
+            self._param_groups.remove(params)
+            if not self._param_groups.trainable_parameters():
+                warnings.warn(
+                    "Layer freezing removed every parameter from the optimizer: it now updates nothing (and a "
+                    "GradScaler would fail with 'No inf checks were recorded'). Include the classification head "
+                    "in the optimizer or lower freeze_level.",
+                    stacklevel=2,
+                )
+            self.frozen_units = count
+            logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
+            self._ddp_needs_rebuild = True
+            if self._ddp is None and is_distributed():
+                logger.debug("Freeze under torch.distributed without a known DDP wrapper; rebuild deferred.")
+            self.sync_ddp()
+        return self.result(newly_frozen_units=len(newly))
+
+    def result(self, newly_frozen_units: int = 0) -> FreezeResult:
+        """What is frozen now, as a `FreezeResult`."""
+        frozen_params = sum(unit.numel for unit in self.units[: self.frozen_units])
+        trainable = sum(p.numel() for p in unwrap_model(self.model).parameters() if p.requires_grad)
+        return FreezeResult(
+            frozen_units=self.frozen_units,
+            total_units=self.num_units,
+            frozen_params=frozen_params,
+            trainable_params=trainable,
+            fraction=self.fraction,
+            newly_frozen_units=newly_frozen_units,
+        )
+
+    # Checkpointing through `accelerator.register_for_checkpointing`.
+    def state_dict(self) -> dict[str, Any]:
+        """The freezer's progress: how many units are frozen and the fraction reached."""
+        return {"frozen_units": self.frozen_units, "fraction": self.fraction, "num_units": self.num_units}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes)."""
+        if state_dict.get("num_units", self.num_units) != self.num_units:
+            raise ValueError(
+                f"state_dict was saved for a model with {state_dict['num_units']} freezable units, "
+                f"this one has {self.num_units}"
+            )
+        self.freeze_units(int(state_dict["frozen_units"]))
+        self.fraction = max(self.fraction, float(state_dict.get("fraction", 0.0)))

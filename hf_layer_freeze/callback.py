@@ -1,0 +1,233 @@
+"""`LayerFreezingCallback`: progressive layer freezing for the Hugging Face `Trainer`."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from .accelerate import LayerFreezer
+from .distributed import active_ddp_module, is_distributed
+from .freezing import FreezeResult
+from .schedule import validate_freeze_level, validate_freeze_start
+from .units import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerFreezingCallback"]
+
+FREEZE_EVERY_CHOICES = ("epoch", "step")
+
+
+class LayerFreezingCallback(TrainerCallback, ExportableState):
+    """
+    A [`~transformers.TrainerCallback`] that progressively freezes the earliest units of the model.
+
+    Progress is `state.global_step / state.max_steps`, so it is right whether training is set by epochs or by
+    `max_steps`. At the end of each epoch (the method card's rule) the first `floor(freeze_fraction(progress) *
+    N)` units are frozen (see `LayerFreezer`); with `freeze_every="step"` units freeze as soon as the schedule
+    asks for one more, which suits short fine-tuning runs of a few epochs.
+
+    On `trainer.train(resume_from_checkpoint=...)` the freeze in effect when the checkpoint was saved is applied
+    again before the first step (the Trainer has loaded the optimizer state by then), so a resumed run ends
+    bitwise equal to an uninterrupted one. Under DDP the wrapper is found during the first training forward and
+    its gradient buckets are rebuilt after each freeze, so frozen parameters are not all-reduced.
+
+    The metrics `layer_freeze/fraction`, `layer_freeze/frozen_units` and `layer_freeze/frozen_params` join every
+    training log of the Trainer (so TensorBoard, W&B, ... show them), and a log is made at each freeze event.
+
+    Args:
+        freeze_start (`float`, *optional*, defaults to 0.5):
+            Fraction of training, in [0, 1), after which freezing starts.
+        freeze_level (`float`, *optional*, defaults to 1.0):
+            Fraction of the units frozen at the end of training, in [0, 1].
+        freeze_every (`str`, *optional*, defaults to `"epoch"`):
+            `"epoch"` to freeze at the end of each epoch, `"step"` to freeze as soon as the count of units grows.
+
+    Example:
+
+    ```python
+    from transformers import Trainer, TrainingArguments
+    from hf_layer_freeze import LayerFreezingCallback
+
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir="out", num_train_epochs=10),
+        train_dataset=train_dataset,
+        callbacks=[LayerFreezingCallback(freeze_start=0.5, freeze_level=1.0)],
+    )
+    trainer.train()
+    ```
+    """
+
+    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, freeze_every: str = "epoch") -> None:
+        self.freeze_start = validate_freeze_start(freeze_start)
+        self.freeze_level = validate_freeze_level(freeze_level)
+        if freeze_every not in FREEZE_EVERY_CHOICES:
+            raise ValueError(f"freeze_every must be one of {FREEZE_EVERY_CHOICES}, got {freeze_every!r}")
+        self.freeze_every = freeze_every
+        self.freezer: LayerFreezer | None = None
+        self.frozen_units = 0
+        self._last: FreezeResult | None = None
+        self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
+
+    # ExportableState: saved into trainer_state.json with each checkpoint.
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {
+                "freeze_start": self.freeze_start,
+                "freeze_level": self.freeze_level,
+                "freeze_every": self.freeze_every,
+            },
+            "attributes": {"frozen_units": self.frozen_units},
+        }
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._run_before_other_callbacks()
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs,
+    ):
+        self._run_before_other_callbacks()
+        if model is None or optimizer is None:
+            raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
+        self.freezer = LayerFreezer(model, optimizer, self.freeze_start, self.freeze_level)
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+        self._forward_hook = None
+        if is_distributed():
+            self._forward_hook = unwrap_model(model).register_forward_pre_hook(self._find_ddp_wrapper)
+        # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
+        self._record(self.freezer.freeze_units(self._units_at_resume(state)), state)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.freeze_every == "step":
+            self._update(state, control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._update(state, control)
+
+    def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
+        if logs is None or self._last is None or not any(k in logs for k in ("loss", "train_loss")):
+            return
+        metrics = self.metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
+    def metrics(self) -> dict[str, float]:
+        """The values this callback logs, under the `layer_freeze/` namespace."""
+        if self._last is None:
+            return {}
+        return {
+            "layer_freeze/fraction": self._last.fraction,
+            "layer_freeze/frozen_units": self._last.frozen_units,
+            "layer_freeze/frozen_params": self._last.frozen_params,
+        }
+
+    def _update(self, state: TrainerState, control: TrainerControl) -> None:
+        if self.freezer is None:
+            raise RuntimeError("LayerFreezingCallback got a step before on_train_begin")
+        result = self.freezer.update(self._progress(state))
+        self._record(result, state)
+        if result.changed:
+            control.should_log = True
+
+    def _record(self, result: FreezeResult, state: TrainerState) -> None:
+        self._last = result
+        self.frozen_units = result.frozen_units
+
+    @staticmethod
+    def _progress(state: TrainerState) -> float:
+        if not state.max_steps or state.max_steps <= 0:
+            raise ValueError(f"state.max_steps must be positive to compute training progress, got {state.max_steps}")
+        return min(1.0, state.global_step / state.max_steps)
+
+    def _units_at_resume(self, state: TrainerState) -> int:
+        """How many units were frozen at the step training (re)starts from."""
+        if state.global_step == 0:
+            return 0
+        from_schedule = self.freezer.num_units_at(self._progress(state))
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
+        if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
+            saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
+        if not saved or "frozen_units" not in saved.get("attributes", {}):
+            # A checkpoint saved without this callback: the schedule is the best guess.
+            return from_schedule
+        units = int(saved["attributes"]["frozen_units"])
+        if self.freeze_every == "step":
+            return max(units, from_schedule)
+        # A checkpoint saved at an epoch's last step may precede that epoch's on_epoch_end; resumption will not
+        # run it, so apply what it would have frozen.
+        at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
+        return max(units, from_schedule) if at_epoch_end else units
+
+    def _find_ddp_wrapper(self, module: nn.Module, args: tuple) -> None:
+        if not (torch.is_grad_enabled() and module.training) or self.freezer is None:
+            return
+        ddp = active_ddp_module()
+        if ddp is not None and unwrap_model(ddp) is module:
+            pending = self.freezer._ddp_needs_rebuild
+            self.freezer.set_ddp_model(ddp)
+            if pending and ddp.require_backward_grad_sync:
+                # DDP prepared its old reducer for this forward; prepare the rebuilt one the same way.
+                ddp.reducer.prepare_for_forward()
+        elif not _is_fsdp_managed(module):
+            raise RuntimeError(
+                "LayerFreezingCallback runs under torch.distributed but the model's forward is not running inside "
+                "a DistributedDataParallel wrapper it can see. Without rebuilding DDP's buckets after a freeze, "
+                "ranks would silently diverge. Hand the wrapper over with "
+                "`callback.freezer.set_ddp_model(trainer.model_wrapped)` or disable the callback."
+            )
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
+    def _run_before_other_callbacks(self) -> None:
+        """
+        Move this callback to the front of the Trainer's callback list, so that reporting integrations
+        (TensorBoard, W&B, ...), which the Trainer puts before user callbacks, see the `layer_freeze/` metrics
+        this callback adds to each log. The handler is the caller of this event.
+        """
+        frame = inspect.currentframe()
+        try:
+            for _ in range(4):
+                frame = frame.f_back if frame is not None else None
+                handler = frame.f_locals.get("self") if frame is not None else None
+                if isinstance(handler, CallbackHandler):
+                    if handler.callbacks and handler.callbacks[0] is not self and self in handler.callbacks:
+                        # A new list: the handler is iterating over the old one right now.
+                        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+                    return
+        finally:
+            del frame
+        warnings.warn(
+            "LayerFreezingCallback could not find the Trainer's callback handler; reporting callbacks listed "
+            "before it will not see the layer_freeze/ metrics.",
+            stacklevel=2,
+        )
+
+
+def _is_fsdp_managed(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())

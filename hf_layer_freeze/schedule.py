@@ -1,0 +1,95 @@
+"""The freezing schedule: pure arithmetic, no torch.
+
+Progress through training (a number in [0, 1]) maps to a freeze fraction, and the fraction to a count of units.
+Keeping this layer free of torch makes it trivially testable and lets tools (plans, benchmarks) reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "freeze_fraction",
+    "num_units_to_freeze",
+    "validate_freeze_level",
+    "validate_freeze_start",
+    "validate_progress",
+]
+
+# floor(fraction * N) must not lose a unit to binary rounding (0.29 * 100 == 28.999999999999996).
+_FLOOR_TOLERANCE = 1e-9
+
+
+def validate_freeze_start(freeze_start: float) -> float:
+    """Return `freeze_start` as a float, or raise `ValueError` unless it is in [0, 1)."""
+    if isinstance(freeze_start, bool) or not isinstance(freeze_start, (int, float)) or not 0 <= freeze_start < 1:
+        raise ValueError(f"freeze_start must be a number in [0, 1), got {freeze_start!r}")
+    return float(freeze_start)
+
+
+def validate_freeze_level(freeze_level: float) -> float:
+    """Return `freeze_level` as a float, or raise `ValueError` unless it is in [0, 1]."""
+    if isinstance(freeze_level, bool) or not isinstance(freeze_level, (int, float)) or not 0 <= freeze_level <= 1:
+        raise ValueError(f"freeze_level must be a number in [0, 1], got {freeze_level!r}")
+    return float(freeze_level)
+
+
+def validate_progress(progress: float) -> float:
+    """Return `progress` as a float, or raise `ValueError` unless it is in [0, 1]."""
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 <= progress <= 1:
+        raise ValueError(f"progress must be a number in [0, 1] (a fraction of training), got {progress!r}")
+    return float(progress)
+
+
+def freeze_fraction(progress: float, freeze_start: float = 0.5, freeze_level: float = 1.0) -> float:
+    """
+    The fraction of freezable units that should be frozen at `progress` through training.
+
+    It is 0 while `progress <= freeze_start`, then grows linearly to `freeze_level` at `progress == 1`:
+    `freeze_level * (progress - freeze_start) / (1 - freeze_start)`. The defaults are Composer's.
+
+    Args:
+        progress (`float`):
+            How far training has gone, in [0, 1] (for instance `global_step / max_steps`).
+        freeze_start (`float`, *optional*, defaults to 0.5):
+            The fraction of training, in [0, 1), after which freezing begins.
+        freeze_level (`float`, *optional*, defaults to 1.0):
+            The fraction of units frozen at the end of training, in [0, 1].
+
+    Returns:
+        `float`: the freeze fraction, in [0, `freeze_level`].
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze import freeze_fraction
+    >>> freeze_fraction(0.75, freeze_start=0.5, freeze_level=1.0)
+    0.5
+    >>> freeze_fraction(0.4)
+    0.0
+    ```
+    """
+    progress = validate_progress(progress)
+    freeze_start = validate_freeze_start(freeze_start)
+    freeze_level = validate_freeze_level(freeze_level)
+    if progress <= freeze_start:
+        return 0.0
+    return min(freeze_level, freeze_level * (progress - freeze_start) / (1.0 - freeze_start))
+
+
+def num_units_to_freeze(fraction: float, num_units: int) -> int:
+    """
+    `floor(fraction * num_units)`: how many of `num_units` units a freeze fraction covers.
+
+    Example:
+
+    ```python
+    >>> num_units_to_freeze(0.5, 7)
+    3
+    ```
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 0:
+        raise ValueError(f"num_units must be a non-negative integer, got {num_units!r}")
+    return min(num_units, math.floor(fraction * num_units + _FLOOR_TOLERANCE))
