@@ -148,9 +148,7 @@ class FrozenParamGroups:
         self._apply_removal()
 
 
-_GROUPS_BY_OPTIMIZER: weakref.WeakKeyDictionary[torch.optim.Optimizer, FrozenParamGroups] = (
-    weakref.WeakKeyDictionary()
-)
+_GROUPS_BY_OPTIMIZER: weakref.WeakKeyDictionary[torch.optim.Optimizer, FrozenParamGroups] = weakref.WeakKeyDictionary()
 
 
 def frozen_param_groups(optimizer: torch.optim.Optimizer) -> FrozenParamGroups:

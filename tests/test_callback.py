@@ -1,0 +1,223 @@
+"""The Trainer glue: schedule through real `Trainer.train()` runs, logging, and checkpoint/resume equality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RandomImages
+from transformers import (
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_layer_freeze import LayerFreezingCallback, freezable_units
+
+NUM_UNITS = 28  # resnet10t
+
+
+def _model(seed: int = 0) -> TimmWrapperForImageClassification:
+    torch.manual_seed(seed)
+    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
+
+
+class EventRecorder(TrainerCallback):
+    """Records the frozen-unit count at each event, and every log it is shown."""
+
+    def __init__(self):
+        self.epoch_ends: list[tuple[int, int]] = []
+        self.logs: list[dict] = []
+        self.model = None
+
+    def _frozen(self, model) -> int:
+        units = freezable_units(model)
+        return sum(1 for u in units if not any(p.requires_grad for p in u.parameters))
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.epoch_ends.append((state.global_step, self._frozen(model)))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def _args(tmp_path: Path, **overrides) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        num_train_epochs=4,
+        per_device_train_batch_size=16,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=2,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+def test_trainer_freezes_at_each_epoch_end_on_schedule(tmp_path):
+    recorder = EventRecorder()  # listed first, like the Trainer's own reporting integrations
+    callback = LayerFreezingCallback(freeze_start=0.25, freeze_level=1.0)
+    trainer = Trainer(
+        model=_model(), args=_args(tmp_path), train_dataset=RandomImages(64), callbacks=[recorder, callback]
+    )
+    trainer.train()
+    steps_per_epoch = 4
+    expected = [(e * steps_per_epoch, callback.freezer.num_units_at(e * steps_per_epoch / 16)) for e in range(1, 5)]
+    assert recorder.epoch_ends == expected
+    assert [n for _, n in expected] == [0, 9, 18, NUM_UNITS]
+    assert callback.frozen_units == NUM_UNITS
+    assert all(p.requires_grad for p in trainer.model.timm_model.get_classifier().parameters())
+    # the metrics reach callbacks listed before this one (TensorBoard, W&B, ...) and the log history
+    train_logs = [log for log in recorder.logs if "loss" in log]
+    assert train_logs and all("layer_freeze/frozen_units" in log for log in train_logs)
+    assert {log["layer_freeze/frozen_units"] for log in train_logs} >= {0, 9, 18}
+    assert train_logs[-1]["layer_freeze/fraction"] == pytest.approx(2 / 3)
+    history = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(isinstance(log["layer_freeze/frozen_params"], int) for log in history)
+
+
+def test_freeze_every_step_follows_the_schedule_within_epochs(tmp_path):
+    class StepRecorder(TrainerCallback):
+        def __init__(self):
+            self.counts = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.counts.append(callback.frozen_units)
+
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_level=1.0, freeze_every="step")
+    recorder = StepRecorder()
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path, num_train_epochs=2),
+        train_dataset=RandomImages(64),
+        callbacks=[callback, recorder],
+    )
+    trainer.train()
+    assert recorder.counts == [callback.freezer.num_units_at(s / 8) for s in range(1, 9)]
+    assert len(set(recorder.counts)) == 8  # grows at every step, not only at the 2 epoch ends
+
+
+def test_max_steps_progress_uses_global_step_over_max_steps(tmp_path):
+    recorder = EventRecorder()
+    callback = LayerFreezingCallback(freeze_start=0.5)
+    # 6 steps with 4 per epoch: epochs end at steps 4 and 6 (the second one early, at max_steps)
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path, max_steps=6),
+        train_dataset=RandomImages(64),
+        callbacks=[recorder, callback],
+    )
+    trainer.train()
+    assert recorder.epoch_ends == [(4, callback.freezer.num_units_at(4 / 6)), (6, NUM_UNITS)]
+
+
+def _train_state(trainer: Trainer):
+    tensors = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    saved = trainer.optimizer.state_dict()
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).clone()
+    return tensors, saved["param_groups"]
+
+
+RESUME_CASES = {
+    # name: (TrainingArguments overrides, callback kwargs, checkpoint step to resume from)
+    "epochs": (dict(num_train_epochs=4, save_strategy="epoch"), dict(freeze_start=0.25), 8),
+    "max_steps-mid-epoch": (dict(max_steps=14, save_strategy="steps", save_steps=5), dict(freeze_start=0.2), 10),
+    # saved at an epoch's last step, before that epoch's on_epoch_end froze more
+    "max_steps-epoch-boundary": (dict(max_steps=14, save_strategy="steps", save_steps=4), dict(freeze_start=0.2), 8),
+    "step-mode": (dict(max_steps=14, save_strategy="steps", save_steps=5), dict(freeze_every="step"), 10),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_mid_freeze_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, case):
+    overrides, callback_kwargs, resume_step = RESUME_CASES[case]
+    full = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "full", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[LayerFreezingCallback(**callback_kwargs)],
+    )
+    full.train()
+    checkpoint = tmp_path / "full" / f"checkpoint-{resume_step}"
+    assert checkpoint.is_dir()
+
+    resumed_callback = LayerFreezingCallback(**callback_kwargs)
+    resumed = Trainer(
+        model=_model(seed=7),  # other initial weights: everything must come from the checkpoint
+        args=_args(tmp_path / "resumed", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[resumed_callback],
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    expected_tensors, expected_groups = _train_state(full)
+    tensors, groups = _train_state(resumed)
+    assert tensors.keys() == expected_tensors.keys()
+    mismatched = [k for k in tensors if not torch.equal(tensors[k], expected_tensors[k])]
+    assert not mismatched, mismatched[:5]
+    assert groups == expected_groups
+
+
+def test_resume_reapplies_the_freeze_before_the_first_step(tmp_path):
+    overrides = dict(num_train_epochs=4, save_strategy="epoch")
+    Trainer(
+        model=_model(),
+        args=_args(tmp_path / "full", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+    ).train()
+
+    seen = {}
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if "units" not in seen:
+                seen["units"] = callback.frozen_units
+                seen["in_optimizer"] = sum(len(g["params"]) for g in optimizer.param_groups)
+
+    callback = LayerFreezingCallback(freeze_start=0.25)
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "resumed", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[callback, FirstStep()],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
+    assert seen["units"] == 9
+    frozen_tensors = sum(len(u.parameters) for u in callback.freezer.units[:9])
+    assert seen["in_optimizer"] == len(list(trainer.model.parameters())) - frozen_tensors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"freeze_start": 1.0}, r"freeze_start must be a number in \[0, 1\), got 1.0"),
+        ({"freeze_level": -0.5}, r"freeze_level must be a number in \[0, 1\], got -0.5"),
+        ({"freeze_every": "batch"}, r"freeze_every must be one of \('epoch', 'step'\), got 'batch'"),
+    ],
+)
+def test_callback_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LayerFreezingCallback(**kwargs)
+
+
+def test_callback_state_is_json_safe_and_restorable():
+    import json
+
+    callback = LayerFreezingCallback(freeze_start=0.3, freeze_level=0.8, freeze_every="step")
+    callback.frozen_units = 5
+    state = json.loads(json.dumps(callback.state()))
+    restored = LayerFreezingCallback(**state["args"])
+    assert (restored.freeze_start, restored.freeze_level, restored.freeze_every) == (0.3, 0.8, "step")
+    assert state["attributes"] == {"frozen_units": 5}

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_timm, train_steps
+from torch import nn
+
+from hf_layer_freeze import LayerFreezer, frozen_param_groups
+
+
+def _optimizers(model):
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    return {
+        "sgd_momentum": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        "adamw_two_groups": torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+        ),
+    }
+
+
+def _group_ids(optimizer):
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adamw_two_groups"])
+def test_frozen_parameters_leave_the_optimizer_and_stay_bitwise_unchanged(name, opt):
+    model = tiny_timm(name)
+    optimizer = _optimizers(model)[opt]
+    train_steps(model, optimizer, steps=2)  # momentum / Adam state exists before the freeze
+    freezer = LayerFreezer(model, optimizer, freeze_start=0.5, freeze_level=1.0)
+    result = freezer.update(0.75)
+    assert result.frozen_units == freezer.num_units // 2 and result.changed
+    frozen = [p for unit in freezer.units[: result.frozen_units] for p in unit.parameters]
+    assert result.frozen_params == sum(p.numel() for p in frozen)
+    assert not {id(p) for p in frozen} & _group_ids(optimizer)
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    before = [p.detach().clone() for p in frozen]
+    trainable_before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    train_steps(model, optimizer, steps=3, seed=1)
+    assert all(torch.equal(a, p) for a, p in zip(before, frozen, strict=True))
+    # the rest still trains
+    trainable_after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, p) for a, p in zip(trainable_before, trainable_after, strict=True))
+    # state of frozen parameters is kept, as the method card says
+    assert all(p in optimizer.state for p in frozen)
+
+
+def test_update_is_monotonic_and_idempotent():
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert freezer.update(0.3).frozen_units == 0
+    assert freezer.update(0.9).frozen_units == freezer.num_units_at(0.9)
+    again = freezer.update(0.9)
+    assert again.frozen_units == freezer.num_units_at(0.9) and not again.changed
+    assert freezer.update(0.6).frozen_units == freezer.num_units_at(0.9)  # never unfreezes
+    assert freezer.update(1.0).frozen_units == freezer.num_units
+    assert all(p.requires_grad for p in model.get_classifier().parameters())
+
+
+def test_emptied_param_group_is_kept_and_lr_scheduler_still_steps():
+    model = tiny_timm()
+    head = list(model.get_classifier().parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.SGD([{"params": body}, {"params": head, "lr": 0.01}], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 0.5**s, lambda s: 1.0])
+    LayerFreezer(model, optimizer).update(1.0)
+    assert len(optimizer.param_groups) == 2 and optimizer.param_groups[0]["params"] == []
+    train_steps(model, optimizer, steps=1)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum", "adamw_two_groups"])
+def test_state_dict_mid_freeze_has_the_full_standard_layout(opt):
+    model = tiny_timm()
+    optimizer = _optimizers(model)[opt]
+    train_steps(model, optimizer)
+    reference = optimizer.state_dict()
+    layout = [len(g["params"]) for g in reference["param_groups"]]
+    LayerFreezer(model, optimizer).update(0.8)
+    saved = optimizer.state_dict()  # torch alone raises KeyError here
+    assert [len(g["params"]) for g in saved["param_groups"]] == layout
+    assert [g["params"] for g in saved["param_groups"]] == [g["params"] for g in reference["param_groups"]]
+    assert saved["state"].keys() == reference["state"].keys()
+    for key, state in saved["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(reference["state"][key][name]))
+
+    # it loads into a fresh optimizer over a fresh model ...
+    fresh_model = tiny_timm(seed=1)
+    fresh = _optimizers(fresh_model)[opt]
+    fresh.load_state_dict(saved)
+    assert [len(g["params"]) for g in fresh.state_dict()["param_groups"]] == layout
+    # ... and back into the frozen one, which stays frozen
+    trainable = [len(g["params"]) for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    assert [len(g["params"]) for g in optimizer.param_groups] == trainable
+    # and into another frozen optimizer, frozen at a different depth
+    other_model = tiny_timm(seed=2)
+    other = _optimizers(other_model)[opt]
+    LayerFreezer(other_model, other).update(0.6)
+    other.load_state_dict(saved)
+    assert other.state_dict()["param_groups"] == saved["param_groups"]
+
+
+def test_named_param_groups_stay_aligned():
+    model = tiny_timm()
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    train_steps(model, optimizer)
+    freezer = LayerFreezer(model, optimizer)
+    freezer.update(0.8)
+    group = optimizer.param_groups[0]
+    names = dict(model.named_parameters())
+    assert len(group["param_names"]) == len(group["params"])
+    assert all(names[n] is p for n, p in zip(group["param_names"], group["params"], strict=True))
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
+
+
+def test_one_bookkeeper_per_optimizer():
+    model = tiny_timm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    LayerFreezer(model, optimizer).update(0.8)
+    second = LayerFreezer(model, optimizer)  # e.g. trainer.train() called twice
+    assert second.frozen_units == LayerFreezer(model, optimizer).frozen_units > 0
+    assert frozen_param_groups(optimizer) is second._param_groups
+    assert len(optimizer.state_dict()["param_groups"][0]["params"]) == len(list(model.parameters()))
+
+
+def test_accelerated_optimizer_is_unwrapped():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_timm()
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    freezer = LayerFreezer(model, optimizer)
+    freezer.update(1.0)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.get_classifier().parameters()
+    }
+    assert len(optimizer.state_dict()["param_groups"][0]["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"freeze_start": 1.0}, r"freeze_start must be a number in \[0, 1\), got 1.0"),
+        ({"freeze_start": -0.2}, r"freeze_start must be a number in \[0, 1\), got -0.2"),
+        ({"freeze_level": 1.2}, r"freeze_level must be a number in \[0, 1\], got 1.2"),
+    ],
+)
+def test_bad_schedule_arguments(kwargs, match):
+    model = tiny_timm()
+    with pytest.raises(ValueError, match=match):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_bad_progress():
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"progress must be a number in \[0, 1\].*got 1.5"):
+        freezer.update(1.5)
+    with pytest.raises(ValueError, match=r"count must be an integer in \[0, 28\], got 29"):
+        freezer.freeze_units(29)
+
+
+def test_model_without_freezable_unit():
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 2))  # its only unit is the head
+    with pytest.raises(ValueError, match="has no freezable unit"):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_optimizer_without_model_parameters():
+    model = tiny_timm()
+    other = tiny_timm(seed=1)
+    with pytest.raises(ValueError, match="optimizer holds none of the model's parameters"):
+        LayerFreezer(model, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def test_freezing_everything_in_the_optimizer_warns():
+    model = tiny_timm()
+    body = [p for u in LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1)).units for p in u.parameters]
+    body_only = torch.optim.SGD(body, lr=0.1)
+    with pytest.warns(UserWarning, match="removed every parameter from the optimizer"):
+        LayerFreezer(model, body_only).update(1.0)

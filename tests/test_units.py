@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_timm
+from torch import nn
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+from hf_layer_freeze import freezable_units
+from hf_layer_freeze.units import classifier_modules
+
+TIMM_FAMILIES = ["resnet10t", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"]
+
+
+def _partition_ok(model: nn.Module, units) -> None:
+    head_ids = {id(p) for head in classifier_modules(model) for p in head.parameters()}
+    unit_ids = [id(p) for unit in units for p in unit.parameters]
+    assert len(unit_ids) == len(set(unit_ids)), "a parameter is in two units"
+    assert not set(unit_ids) & head_ids, "a head parameter is freezable"
+    assert set(unit_ids) | head_ids == {id(p) for p in model.parameters()}, (
+        "a parameter is in no unit and not the head"
+    )
+
+
+@pytest.mark.parametrize("name", TIMM_FAMILIES)
+def test_timm_units_exclude_the_head_and_cover_every_other_parameter(name):
+    model = tiny_timm(name)
+    units = freezable_units(model)
+    head = model.get_classifier()
+    assert classifier_modules(model) == [head]
+    assert all(unit.module is not head for unit in units)
+    _partition_ok(model, units)
+    # depth-first pre-order of the ownership tree
+    order = [n for n, _ in model.named_modules()]
+    positions = [order.index(unit.name) for unit in units]
+    assert positions == sorted(positions)
+
+
+def test_vit_root_parameters_are_freezable_and_come_first():
+    model = tiny_timm("vit_tiny_patch16_224")
+    units = freezable_units(model)
+    assert units[0].name == ""
+    assert set(units[0].parameter_names) == {"cls_token", "pos_embed"}
+    assert units[1].name == "patch_embed.proj"
+
+
+def test_head_module_with_norm_only_excludes_the_classifier():
+    model = tiny_timm("convnext_atto")  # head = norm + fc; get_classifier() is head.fc
+    names = [unit.name for unit in freezable_units(model)]
+    assert "head.norm" in names and "head.fc" not in names
+
+
+def test_head_is_found_inside_transformers_timm_wrapper():
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
+    units = freezable_units(model)
+    assert classifier_modules(model) == [model.timm_model.get_classifier()]
+    assert units[0].name == "timm_model.conv1.0"
+    assert len(units) == len(freezable_units(model.timm_model))
+    _partition_ok(model, units)
+
+
+def test_plain_module_excludes_its_last_unit():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 8, 8))
+    names = [unit.name for unit in freezable_units(model)]
+    assert names == ["0", "1"]
+
+
+def test_timm_backbone_without_head_inside_a_user_module_falls_back_to_the_last_unit():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = tiny_timm("resnet10t", num_classes=0)  # get_classifier() is nn.Identity
+            self.classifier = nn.Linear(512, 3)
+
+    names = [unit.name for unit in freezable_units(Net())]
+    assert names[0] == "backbone.conv1.0" and "classifier" not in names
+
+
+def test_shared_parameter_belongs_to_the_first_unit():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.head = nn.Linear(4, 2)
+
+    units = freezable_units(Tied())
+    assert [unit.parameter_names for unit in units] == [("a.weight", "a.bias"), ("b.bias",)]
+
+
+def test_wrapped_models_give_the_same_units():
+    model = tiny_timm("resnet10t")
+    compiled = torch.compile(model, backend="eager")
+    assert [u.name for u in freezable_units(compiled)] == [u.name for u in freezable_units(model)]
+
+
+def test_non_module_is_a_value_error():
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        freezable_units("resnet")
