@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import check_supported_wrapping, find_ddp_wrapper, is_distributed, rebuild_ddp_reducer
+from .distributed import (
+    active_ddp_module,
+    check_supported_wrapping,
+    find_ddp_wrapper,
+    is_distributed,
+    is_fsdp_managed,
+    rebuild_ddp_reducer,
+)
 from .freezing import FreezeResult, freeze_parameters, frozen_param_groups
 from .schedule import freeze_fraction, num_units_to_freeze, validate_freeze_level, validate_freeze_start
 from .units import FreezableUnit, freezable_units, unwrap_model
@@ -103,6 +110,11 @@ class LayerFreezer:
         self._total_params = sum(p.numel() for p in unwrap_model(model).parameters())
         self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
         self._ddp_needs_rebuild = False
+        self._discovery_hook = None
+        if self._ddp is None and is_distributed() and not is_fsdp_managed(unwrap_model(model)):
+            # Handed the bare model (a Trainer callback only ever gets that): find the DDP wrapper in the first
+            # training forward, from what DDP itself records while its forward runs.
+            self._discovery_hook = unwrap_model(model).register_forward_pre_hook(self._discover_ddp)
         self.frozen_units = 0
         self.fraction = 0.0
         # Units that are frozen already (a second freezer on the same model) count as frozen.
@@ -131,8 +143,29 @@ class LayerFreezer:
         if unwrap_model(ddp_model) is not unwrap_model(self.model):
             raise ValueError("ddp_model does not wrap the model this LayerFreezer freezes")
         self._ddp = ddp_model
+        if self._discovery_hook is not None:
+            self._discovery_hook.remove()
+            self._discovery_hook = None
         if self._ddp_needs_rebuild:
             self.sync_ddp()
+
+    def _discover_ddp(self, module: nn.Module, args: tuple) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            return  # evaluation forwards may run outside DDP
+        ddp = active_ddp_module()
+        if ddp is None or unwrap_model(ddp) is not module:
+            raise RuntimeError(
+                "LayerFreezer runs under torch.distributed, but the model's training forward is not running inside "
+                "a DistributedDataParallel wrapper it can see. Without rebuilding DDP's gradient buckets after each "
+                "freeze, ranks would silently diverge. Pass the wrapped model (LayerFreezer(accelerator.prepare("
+                "model), ...)), or hand the wrapper over with `freezer.set_ddp_model(ddp_model)` (Trainer: "
+                "`callback.freezer.set_ddp_model(trainer.model_wrapped)`)."
+            )
+        pending = self._ddp_needs_rebuild
+        self.set_ddp_model(ddp)
+        if pending and ddp.require_backward_grad_sync:
+            # DDP prepared its old reducer for this forward already; prepare the rebuilt one the same way.
+            ddp.reducer.prepare_for_forward()
 
     def sync_ddp(self) -> None:
         """Rebuild the DDP reducer now if a freeze happened since the last rebuild (between iterations only)."""
@@ -186,9 +219,7 @@ class LayerFreezer:
             self.frozen_units = count
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
             self._ddp_needs_rebuild = True
-            if self._ddp is None and is_distributed():
-                logger.debug("Freeze under torch.distributed without a known DDP wrapper; rebuild deferred.")
-            self.sync_ddp()
+            self.sync_ddp()  # without a known wrapper yet, the rebuild waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
 
     def result(self, newly_frozen_units: int = 0) -> FreezeResult:

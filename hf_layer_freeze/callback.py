@@ -13,10 +13,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .accelerate import LayerFreezer
-from .distributed import active_ddp_module, is_distributed
 from .freezing import FreezeResult
 from .schedule import validate_freeze_level, validate_freeze_start
-from .units import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +73,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self.freezer: LayerFreezer | None = None
         self.frozen_units = 0
         self._last: FreezeResult | None = None
-        self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ExportableState: saved into trainer_state.json with each checkpoint.
     def state(self) -> dict[str, Any]:
@@ -104,11 +101,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
         self.freezer = LayerFreezer(model, optimizer, self.freeze_start, self.freeze_level)
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-        self._forward_hook = None
-        if is_distributed():
-            self._forward_hook = unwrap_model(model).register_forward_pre_hook(self._find_ddp_wrapper)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self._record(self.freezer.freeze_units(self._units_at_resume(state)), state)
 
@@ -126,11 +118,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
 
     def metrics(self) -> dict[str, float]:
         """The values this callback logs, under the `layer_freeze/` namespace."""
@@ -179,27 +166,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
         return max(units, from_schedule) if at_epoch_end else units
 
-    def _find_ddp_wrapper(self, module: nn.Module, args: tuple) -> None:
-        if not (torch.is_grad_enabled() and module.training) or self.freezer is None:
-            return
-        ddp = active_ddp_module()
-        if ddp is not None and unwrap_model(ddp) is module:
-            pending = self.freezer._ddp_needs_rebuild
-            self.freezer.set_ddp_model(ddp)
-            if pending and ddp.require_backward_grad_sync:
-                # DDP prepared its old reducer for this forward; prepare the rebuilt one the same way.
-                ddp.reducer.prepare_for_forward()
-        elif not _is_fsdp_managed(module):
-            raise RuntimeError(
-                "LayerFreezingCallback runs under torch.distributed but the model's forward is not running inside "
-                "a DistributedDataParallel wrapper it can see. Without rebuilding DDP's buckets after a freeze, "
-                "ranks would silently diverge. Hand the wrapper over with "
-                "`callback.freezer.set_ddp_model(trainer.model_wrapped)` or disable the callback."
-            )
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
-
     def _run_before_other_callbacks(self) -> None:
         """
         Move this callback to the front of the Trainer's callback list, so that reporting integrations
@@ -223,11 +189,3 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             "before it will not see the layer_freeze/ metrics.",
             stacklevel=2,
         )
-
-
-def _is_fsdp_managed(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())

@@ -25,6 +25,7 @@ __all__ = [
     "check_ddp_internals",
     "find_ddp_wrapper",
     "is_distributed",
+    "is_fsdp_managed",
     "rebuild_ddp_reducer",
 ]
 
@@ -121,6 +122,15 @@ def rebuild_ddp_reducer(ddp: DistributedDataParallel) -> int:
     numel = sum(p.numel() for p in parameters)
     logger.debug("Rebuilt DDP reducer for %d parameters (%d elements).", len(parameters), numel)
     return numel
+
+
+def is_fsdp_managed(module: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) manages `module` or one of its submodules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
 def check_supported_wrapping(model: nn.Module, optimizer: object) -> None:

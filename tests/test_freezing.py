@@ -184,3 +184,18 @@ def test_freezing_everything_in_the_optimizer_warns():
     body_only = torch.optim.SGD(body, lr=0.1)
     with pytest.warns(UserWarning, match="removed every parameter from the optimizer"):
         LayerFreezer(model, body_only).update(1.0)
+
+
+def test_under_distributed_a_bare_model_outside_ddp_fails_loudly(monkeypatch):
+    import hf_layer_freeze.accelerate as helper
+
+    monkeypatch.setattr(helper, "is_distributed", lambda: True)
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    freezer.update(0.9)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))  # evaluation outside DDP is fine
+    model.train()
+    with pytest.raises(RuntimeError, match="not running inside a DistributedDataParallel wrapper"):
+        model(torch.randn(2, 3, 32, 32))

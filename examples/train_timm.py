@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Train a timm image classifier in a custom Accelerate loop, with progressive layer freezing.
+
+    accelerate launch examples/train_timm.py                 # embedded digits, resnet10t, freezing on
+    accelerate launch examples/train_timm.py --compare       # with and without freezing: table, JSON, figure
+    accelerate launch --num_processes 2 examples/train_timm.py --mixed-precision bf16
+
+The freezing itself is three lines (see `LayerFreezer` below): build it after `accelerator.prepare`, register it
+for checkpointing, and call `freezer.update(progress)` at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import evaluate
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from image_data import METRIC_PATH, collate, load_image_data
+from tqdm.auto import tqdm
+
+from hf_layer_freeze import LayerFreezer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", help="a Hugging Face image-classification dataset (needs internet)")
+    data.add_argument("--data-dir", help="an imagefolder tree: class_name/*.png (optionally under train/, test/)")
+    data.add_argument("--image-size", type=int, default=32, help="side of the square input images (default 32)")
+    data.add_argument("--max-train-samples", type=int, help="use only this many training images (smoke tests)")
+    data.add_argument("--max-eval-samples", type=int, help="use only this many test images (smoke tests)")
+    model = parser.add_argument_group("model and training")
+    model.add_argument("--model", default="resnet10t", help="any timm model name (default resnet10t)")
+    model.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs internet)")
+    model.add_argument("--epochs", type=int, default=12)
+    model.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
+    model.add_argument("--batch-size", type=int, default=64, help="per process")
+    model.add_argument("--lr", type=float, default=2e-3)
+    model.add_argument("--weight-decay", type=float, default=0.05)
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16", "fp8"])
+    freezing = parser.add_argument_group("freezing")
+    freezing.add_argument("--freeze-start", type=float, default=0.5, help="fraction of training, in [0, 1)")
+    freezing.add_argument("--freeze-level", type=float, default=1.0, help="fraction frozen at the end, in [0, 1]")
+    freezing.add_argument("--no-freeze", action="store_true", help="train without freezing (the baseline)")
+    freezing.add_argument("--compare", action="store_true", help="train without, then with freezing; compare")
+    parser.add_argument("--output-dir", default="outputs/train_timm")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "image_size", "max_steps", "max_train_samples", "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not 0 <= args.freeze_start < 1:
+        parser.error(f"--freeze-start must be in [0, 1), got {args.freeze_start}")
+    if not 0 <= args.freeze_level <= 1:
+        parser.error(f"--freeze-level must be in [0, 1], got {args.freeze_level}")
+    if args.compare and args.no_freeze:
+        parser.error("--compare already runs the baseline; drop --no-freeze")
+    return args
+
+
+def create_model(name: str, num_classes: int, image_size: int, pretrained: bool) -> torch.nn.Module:
+    if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
+        raise SystemExit(f"--model: {name!r} is not a timm model name (see timm.list_models())")
+    try:  # ViT-style models take the input size; convnets do not know the argument
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=image_size)
+    except TypeError:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, loader, accelerator: Accelerator) -> float:
+    metric = evaluate.load(METRIC_PATH)
+    model.eval()
+    for batch in loader:
+        logits = model(batch["pixel_values"])
+        predictions, references = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+        metric.add_batch(predictions=predictions.cpu(), references=references.cpu())
+    return float(metric.compute()["accuracy"])
+
+
+def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
+    """One full training run; returns its measurements (identical on every rank but timing)."""
+    set_seed(args.seed)
+    label = "freeze" if freeze else "baseline"
+    train_set, test_set = data.train, data.test
+    if args.max_train_samples:
+        train_set = train_set.select(range(min(args.max_train_samples, len(train_set))))
+    if args.max_eval_samples:
+        test_set = test_set.select(range(min(args.max_eval_samples, len(test_set))))
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True
+    )
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, collate_fn=collate)
+    model = create_model(args.model, data.num_classes, args.image_size, args.pretrained)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the training split per process")
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.15, anneal_strategy="cos"
+    )
+    scheduler = accelerator.prepare(scheduler)
+
+    freezer = None
+    if freeze:
+        freezer = LayerFreezer(model, optimizer, freeze_start=args.freeze_start, freeze_level=args.freeze_level)
+        accelerator.register_for_checkpointing(freezer)
+
+    curve = [{"epoch": 0, "step": 0, "train_time_s": 0.0, "fraction": 0.0, "frozen_units": 0}]
+    train_time = 0.0
+    step = 0
+    images = 0
+    for epoch in range(epochs):
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        bar = tqdm(
+            total=min(steps_per_epoch, total_steps - step),
+            desc=f"{label} epoch {epoch + 1}/{epochs}",
+            disable=not accelerator.is_local_main_process,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for batch in train_loader:
+            loss = torch.nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            images += batch["labels"].shape[0] * accelerator.num_processes
+            bar.update(1)
+            if step % 5 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", frozen=f"{freezer.fraction if freezer else 0:.0%}")
+            if step >= total_steps:
+                break
+        # The freeze belongs to the epoch that just ended: it is part of the training cost.
+        result = freezer.update(step / total_steps) if freezer is not None else None
+        train_time += time.perf_counter() - start
+        bar.close()
+        accuracy = evaluate_accuracy(model, test_loader, accelerator)
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_time_s": train_time,
+                "loss": loss.item(),
+                "test_accuracy": accuracy,
+                "fraction": result.fraction if result else 0.0,
+                "frozen_units": result.frozen_units if result else 0,
+            }
+        )
+        accelerator.print(
+            f"[{label}] epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  test accuracy {accuracy:.2%}  "
+            f"frozen {curve[-1]['frozen_units']} units ({curve[-1]['fraction']:.0%})  train time {train_time:.1f}s"
+        )
+
+    num_units = freezer.num_units if freezer else None
+    summary = {
+        "run": label,
+        "model": args.model,
+        "epochs": epochs,
+        "steps": step,
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "train_time_s": train_time,
+        "images_per_s": images / train_time if train_time else 0.0,
+        "test_accuracy": curve[-1]["test_accuracy"],
+        "final_fraction": curve[-1]["fraction"],
+        "final_frozen_units": curve[-1]["frozen_units"],
+        "num_units": num_units,
+        "curve": curve,
+    }
+    accelerator.print(
+        f"[{label}] done: {step} steps in {train_time:.1f}s ({summary['images_per_s']:.0f} images/s), "
+        f"test accuracy {summary['test_accuracy']:.2%}, frozen fraction {summary['final_fraction']:.0%}"
+    )
+    accelerator.free_memory(model, optimizer, scheduler)
+    accelerator._custom_objects.clear()
+    return summary
+
+
+def comparison_table(runs: list[dict]) -> str:
+    baseline = next((r for r in runs if r["run"] == "baseline"), None)
+    lines = [
+        "| run | wall time (s) | images/s | time saved | test accuracy | final frozen fraction |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        saved = 1 - run["train_time_s"] / baseline["train_time_s"] if baseline else 0.0
+        lines.append(
+            f"| {run['run']} | {run['train_time_s']:.1f} | {run['images_per_s']:.0f} | {saved:.1%} "
+            f"| {run['test_accuracy']:.2%} | {run['final_fraction']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in runs:
+        curve = run["curve"]
+        steps = [c["step"] / max(1, run["steps"]) for c in curve]
+        left.step(steps, [c["fraction"] for c in curve], where="post", label=run["run"])
+        right.plot(
+            [c["train_time_s"] for c in curve[1:]], [c["test_accuracy"] for c in curve[1:]], marker="o", label=run["run"]
+        )
+    left.set(xlabel="progress through training", ylabel="freeze fraction", title="Units frozen", ylim=(-0.05, 1.05))
+    right.set(xlabel="training wall time (s)", ylabel="test accuracy", title="Accuracy against wall time")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"{runs[0]['model']}, {runs[0]['processes']} process(es), mixed precision {runs[0]['mixed_precision']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.print("note: accelerate runs mixed_precision='fp16' on CPU as plain fp32")
+    try:
+        data = load_image_data(args.dataset, args.data_dir, args.image_size, args.seed)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    accelerator.print(
+        f"data: {data.source}: {len(data.train)} train / {len(data.test)} test images, {data.num_classes} classes; "
+        f"model {args.model}; {accelerator.num_processes} process(es) on {accelerator.device}"
+    )
+    plan = [False, True] if args.compare else [not args.no_freeze]
+    runs = [train_run(args, accelerator, data, freeze) for freeze in plan]
+
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        results = {
+            "args": vars(args),
+            "machine": {"cpus": os.cpu_count(), "device": str(accelerator.device), "torch": torch.__version__},
+            "runs": runs,
+        }
+        if args.compare:
+            results["time_saved"] = 1 - runs[1]["train_time_s"] / runs[0]["train_time_s"]
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        plot(runs, output_dir / "freezing.png")
+        print()
+        print(comparison_table(runs))
+        print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'freezing.png'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
