@@ -3,6 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# One process using every core (accelerate launch would otherwise pin CPU runs to one thread).
+LAUNCH := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(shell nproc)
 
 .PHONY: install test demo lint bench clean
 
@@ -18,7 +20,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 demo: $(BIN)/.installed
-	$(BIN)/accelerate launch --num_processes 1 --cpu examples/train_timm.py --compare
+	$(BIN)/accelerate launch $(LAUNCH) examples/train_timm.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check hf_layer_freeze examples tests benchmarks

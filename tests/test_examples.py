@@ -1,0 +1,231 @@
+"""The examples, run as a user runs them, on a few steps: outputs exist and hold sane values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMOKE = ["--epochs", "2", "--max-train-samples", "128", "--max-eval-samples", "64", "--batch-size", "32"]
+
+
+def _run(command: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", **env}
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _check_compare_outputs(out: Path, processes: int, mixed_precision: str = "no") -> dict:
+    results = json.loads((out / "results.json").read_text())
+    baseline, frozen = results["runs"]
+    assert (baseline["run"], frozen["run"]) == ("baseline", "freeze")
+    for run in (baseline, frozen):
+        assert run["processes"] == processes and run["mixed_precision"] == mixed_precision
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["train_time_s"] > 0 and run["images_per_s"] > 0
+        assert [c["epoch"] for c in run["curve"]] == [0, 1, 2]
+    assert baseline["final_frozen_units"] == 0 and baseline["final_fraction"] == 0
+    assert frozen["final_frozen_units"] == frozen["num_units"] > 0 and frozen["final_fraction"] == 1.0
+    assert frozen["curve"][1]["frozen_units"] == frozen["num_units"] // 2  # freeze_start 0: half after epoch 1
+    assert -1.0 < results["time_saved"] < 1.0
+    assert (out / "freezing.png").read_bytes()[:8] == PNG_MAGIC
+    return results
+
+
+def test_train_timm_compare_smoke(tmp_path):
+    proc = _ok(
+        _run(
+            [
+                sys.executable,
+                "examples/train_timm.py",
+                "--compare",
+                "--freeze-start",
+                "0",
+                *SMOKE,
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    )
+    _check_compare_outputs(tmp_path, processes=1)
+    assert "| baseline |" in proc.stdout and "| freeze |" in proc.stdout
+
+
+def test_train_timm_max_steps_and_no_freeze(tmp_path):
+    _ok(
+        _run(
+            [
+                sys.executable,
+                "examples/train_timm.py",
+                "--no-freeze",
+                "--max-steps",
+                "3",
+                *SMOKE,
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    )
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["run"] == "baseline" and run["steps"] == 3 and run["epochs"] == 1
+
+
+def test_train_timm_reads_an_imagefolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    _ok(
+        _run(
+            [
+                sys.executable,
+                "examples/train_timm.py",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+    )
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data-dir", "/does/not/exist"], "--data-dir: '/does/not/exist' is not a directory"),
+        (["--model", "resnet_does_not_exist"], "--model: 'resnet_does_not_exist' is not a timm model name"),
+        (["--freeze-start", "1.5"], "--freeze-start must be in [0, 1), got 1.5"),
+        (["--dataset", "x", "--data-dir", "y"], "--dataset and --data-dir are exclusive"),
+    ],
+)
+def test_train_timm_bad_input_is_a_clear_error(tmp_path, args, message):
+    proc = _run([sys.executable, "examples/train_timm.py", *args, "--output-dir", str(tmp_path)])
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_timm_malformed_imagefolder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("no images here")
+    proc = _run([sys.executable, "examples/train_timm.py", "--data-dir", str(tmp_path / "data")])
+    assert proc.returncode != 0 and "--data-dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_trainer_checkpoints_each_epoch_and_resumes(tmp_path):
+    common = [
+        sys.executable,
+        "examples/train_trainer.py",
+        "--max-train-samples",
+        "128",
+        "--max-eval-samples",
+        "64",
+        "--batch-size",
+        "32",
+        "--freeze-start",
+        "0",
+        "--output-dir",
+        str(tmp_path),
+        "--use-cpu",
+    ]
+    first = _ok(_run([*common, "--epochs", "2"]))
+    assert "final test accuracy" in first.stdout
+    checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-4", "checkpoint-8"]
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"] == 14
+    evals = [log for log in state["log_history"] if "eval_accuracy" in log]
+    assert len(evals) == 1 and 0 <= evals[0]["eval_accuracy"] <= 1
+    resumed = _ok(_run([*common, "--epochs", "3", "--resume"]))
+    assert (
+        "Resuming training from checkpoint" in resumed.stderr + resumed.stdout or (tmp_path / "checkpoint-12").is_dir()
+    )
+    assert (tmp_path / "checkpoint-12").is_dir()
+    final = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
+    assert final["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"] == 28
+    assert "frozen units 28/28" in resumed.stdout
+
+
+def test_train_trainer_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    proc = _run([sys.executable, "examples/train_trainer.py", "--resume", "--output-dir", str(tmp_path), "--use-cpu"])
+    assert proc.returncode != 0 and "--resume: no checkpoint-* folder" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_train_timm_two_processes_bf16(tmp_path):
+    port = str(29600 + os.getpid() % 1000)
+    _ok(
+        _run(
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "bf16",
+                "examples/train_timm.py",
+                "--compare",
+                "--freeze-start",
+                "0",
+                "--mixed-precision",
+                "bf16",
+                *SMOKE,
+                "--output-dir",
+                str(tmp_path),
+            ],
+            OMP_NUM_THREADS="1",
+        )
+    )
+    results = _check_compare_outputs(tmp_path, processes=2, mixed_precision="bf16")
+    assert results["runs"][1]["steps"] == 4  # 128 images / (32 per process x 2 processes) x 2 epochs
+
+
+@pytest.mark.multiprocess
+def test_train_trainer_two_processes(tmp_path):
+    port = str(29700 + os.getpid() % 1000)
+    proc = _ok(
+        _run(
+            [
+                str(BIN / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                port,
+                "examples/train_trainer.py",
+                "--use-cpu",
+                *SMOKE,
+                "--freeze-start",
+                "0",
+                "--output-dir",
+                str(tmp_path),
+            ],
+            OMP_NUM_THREADS="1",
+        )
+    )
+    assert "frozen units 28/28" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
