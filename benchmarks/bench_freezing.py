@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Step speed against freeze depth, with the library's own `LayerFreezer` doing the freezing.
+
+    python benchmarks/bench_freezing.py            # resnet18, resnet50, vit_tiny at f in {0, .25, .5, .75, 1}
+    python benchmarks/bench_freezing.py --quick    # resnet18 only, fewer repetitions (under 3 minutes on 2 cores)
+    python benchmarks/bench_freezing.py --device cuda --image-size 224 --batch-size 128   # on a GPU
+
+For each model and frozen fraction f of the freezable units it reports the median step time (forward, backward,
+SGD step; configurations interleaved, warm-up discarded), the FLOP-ideal speedup (forward+backward FLOPs counted by
+`torch.utils.flop_counter.FlopCounterMode`), the measured speedup, the efficiency (measured saving / ideal saving),
+the fractions of forward FLOPs and of parameters frozen, and the bytes autograd saves for backward. It also measures
+the overhead of an attached freezer with nothing frozen. Writes JSON, a PNG figure and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_layer_freeze import LayerFreezer, freezable_units, num_units_to_freeze
+
+MODELS = {
+    "resnet18": {},
+    "resnet50": {},
+    "vit_tiny_patch16_224": {"patch_size": 8},  # patch 8 on 64 px: 64 tokens
+}
+
+
+def create(name: str, image_size: int) -> torch.nn.Module:
+    kwargs = dict(MODELS.get(name, {}))
+    if name.startswith("vit"):
+        kwargs["img_size"] = image_size
+    return timm.create_model(name, pretrained=False, num_classes=100, **kwargs)
+
+
+class Config:
+    """One model with a prefix frozen by LayerFreezer, ready to step."""
+
+    def __init__(self, base: torch.nn.Module, fraction: float, args, attach_freezer: bool = True):
+        self.fraction = fraction
+        self.model = copy.deepcopy(base).to(args.device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.freezer = None
+        self.frozen_units = 0
+        if attach_freezer:
+            self.freezer = LayerFreezer(self.model, self.optimizer, freeze_start=0.0, freeze_level=1.0)
+            self.frozen_units = num_units_to_freeze(fraction, self.freezer.num_units)
+            self.freezer.freeze_units(self.frozen_units)
+        self.args = args
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(self.args.device, dtype=torch.bfloat16, enabled=self.args.bf16):
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(config: Config, x, y) -> tuple[int, dict[str, int]]:
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter:
+        config.step(x, y)
+    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    return counter.get_total_flops(), per_module
+
+
+def forward_flops_by_unit(model: torch.nn.Module, x) -> list[int]:
+    """Forward FLOPs of each freezable unit's own module (leaf modules; a root unit's FLOPs are its own ops)."""
+    units = freezable_units(model)
+    counter = FlopCounterMode(display=False, depth=None)
+    with torch.no_grad(), counter:
+        model(x)
+    counts = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
+    flops = []
+    for unit in units:
+        has_children = any(True for _ in unit.module.children())
+        qualified = f"{type(model).__name__}.{unit.name}" if unit.name else type(model).__name__
+        key = next((k for k in counts if k == qualified or k.endswith("." + unit.name)), None) if unit.name else None
+        flops.append(0 if has_children or key is None else counts[key])
+    return flops
+
+
+def saved_bytes(config: Config, x, y) -> int:
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(config.args.device, dtype=torch.bfloat16, enabled=config.args.bf16):
+            loss = torch.nn.functional.cross_entropy(config.model(x), y)
+    loss.backward()
+    config.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def time_interleaved(configs: list[Config], x, y, repeats: int, warmup: int) -> list[float]:
+    times: list[list[float]] = [[] for _ in configs]
+    for rep in range(warmup + repeats):
+        for index, config in enumerate(configs):
+            synchronize(config.args.device)
+            start = time.perf_counter()
+            config.step(x, y)
+            synchronize(config.args.device)
+            if rep >= warmup:
+                times[index].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def bench_model(name: str, args) -> dict:
+    torch.manual_seed(0)
+    base = create(name, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
+    configs = [Config(base, f, args) for f in args.fractions]
+    units = configs[0].freezer.units
+    unit_fwd = forward_flops_by_unit(copy.deepcopy(base).to(args.device), x)
+    total_params = sum(p.numel() for p in base.parameters())
+    flops = [step_flops(c, x, y)[0] for c in configs]
+    with torch.no_grad():
+        forward_total = FlopCounterMode(display=False)
+        with forward_total:
+            copy.deepcopy(base).to(args.device)(x)
+    fwd_total = forward_total.get_total_flops()
+    memory = [saved_bytes(c, x, y) for c in configs]
+    medians = time_interleaved(configs, x, y, args.repeats, args.warmup)
+
+    # Overhead: an attached freezer with nothing frozen, against no freezer at all.
+    plain = Config(base, 0.0, args, attach_freezer=False)
+    attached = Config(base, 0.0, args)
+    plain_t, attached_t = time_interleaved([plain, attached], x, y, args.repeats, args.warmup)
+
+    rows = []
+    for config, step_flop, mem, median in zip(configs, flops, memory, medians, strict=True):
+        k = config.frozen_units
+        ideal = flops[0] / step_flop
+        measured = medians[0] / median
+        ideal_saving = 1 - step_flop / flops[0]
+        measured_saving = 1 - median / medians[0]
+        rows.append(
+            {
+                "fraction": config.fraction,
+                "frozen_units": k,
+                "num_units": len(units),
+                "step_ms": median * 1e3,
+                "ideal_speedup": ideal,
+                "measured_speedup": measured,
+                "efficiency": measured_saving / ideal_saving if ideal_saving > 1e-9 else None,
+                "forward_flops_frozen": sum(unit_fwd[:k]) / fwd_total,
+                "params_frozen": sum(u.numel for u in units[:k]) / total_params,
+                "saved_for_backward_mb": mem / 2**20,
+            }
+        )
+    return {
+        "model": name,
+        "rows": rows,
+        "overhead": {
+            "no_freezer_ms": plain_t * 1e3,
+            "freezer_attached_ms": attached_t * 1e3,
+            "overhead": attached_t / plain_t - 1,
+        },
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | f | units frozen | step (ms) | ideal speedup | measured | efficiency | fwd FLOPs frozen "
+        "| params frozen | saved for backward (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for r in result["rows"]:
+            eff = "—" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+            units = f"{r['frozen_units']}/{r['num_units']}"
+            lines.append(
+                f"| {result['model']} | {r['fraction']:.2f} | {units} | {r['step_ms']:.1f} "
+                f"| {r['ideal_speedup']:.2f}× | {r['measured_speedup']:.2f}× | {eff} "
+                f"| {r['forward_flops_frozen']:.0%} | {r['params_frozen']:.0%} | {r['saved_for_backward_mb']:.1f} |"
+            )
+    lines.append("")
+    lines.append("| model | step, no freezer (ms) | step, freezer attached, nothing frozen (ms) | overhead |")
+    lines.append("|---|---:|---:|---:|")
+    for result in results:
+        o = result["overhead"]
+        lines.append(
+            f"| {result['model']} | {o['no_freezer_ms']:.1f} | {o['freezer_attached_ms']:.1f} | {o['overhead']:+.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    for axis, result in zip(axes[0], results, strict=True):
+        fractions = [r["fraction"] for r in result["rows"]]
+        axis.plot(fractions, [r["ideal_speedup"] for r in result["rows"]], "o--", label="FLOP ideal")
+        axis.plot(fractions, [r["measured_speedup"] for r in result["rows"]], "o-", label="measured")
+        axis.set(title=result["model"], xlabel="fraction of units frozen", ylabel="step speedup")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on cuda)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (default on cuda)")
+    parser.add_argument("--quick", action="store_true", help="resnet18 only, fewer repetitions")
+    parser.add_argument("--output-dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.fractions[0] != 0.0:
+        parser.error("--fractions must start with 0 (the reference)")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device here")
+        args.bf16 = True
+        args.channels_last = True
+        torch.backends.cudnn.benchmark = True
+    if args.quick:
+        args.models = ["resnet18"]
+        args.repeats = min(args.repeats, 8)
+        args.warmup = min(args.warmup, 2)
+
+    results = []
+    for name in args.models:
+        start = time.perf_counter()
+        results.append(bench_model(name, args))
+        print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    machine = {
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"step_speed_{args.device}"
+    (output_dir / f"{stem}.json").write_text(
+        json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=2)
+    )
+    plot(results, output_dir / f"{stem}.png")
+    print(f"\n{machine}\nbatch {args.batch_size} at {args.image_size} px, bf16={args.bf16}\n")
+    print(markdown(results))
+    print(f"\nwrote {output_dir / stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
