@@ -111,12 +111,13 @@ class LayerFreezer:
         self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
         self._ddp_needs_rebuild = False
         self._discovery_hook = None
-        if self._ddp is None and is_distributed() and not is_fsdp_managed(unwrap_model(model)):
+        if self._ddp is None and is_distributed() and not is_fsdp_managed(model):
             # Handed the bare model (a Trainer callback only ever gets that): find the DDP wrapper in the first
             # training forward, from what DDP itself records while its forward runs.
             self._discovery_hook = unwrap_model(model).register_forward_pre_hook(self._discover_ddp)
         self.frozen_units = 0
         self.fraction = 0.0
+        self._warned_empty_optimizer = False
         # Units that are frozen already (a second freezer on the same model) count as frozen.
         while self.frozen_units < len(self.units) and not any(
             p.requires_grad for p in self.units[self.frozen_units].parameters
@@ -204,23 +205,38 @@ class LayerFreezer:
         """
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self.num_units:
             raise ValueError(f"count must be an integer in [0, {self.num_units}], got {count!r}")
+        count = self._cap_to_keep_optimizer_nonempty(count)
         newly = self.units[self.frozen_units : count]
         if newly:
             params = [p for unit in newly for p in unit.parameters]
             freeze_parameters(params)
             self._param_groups.remove(params)
-            if not self._param_groups.trainable_parameters():
-                warnings.warn(
-                    "Layer freezing removed every parameter from the optimizer: it now updates nothing (and a "
-                    "GradScaler would fail with 'No inf checks were recorded'). Include the classification head "
-                    "in the optimizer or lower freeze_level.",
-                    stacklevel=2,
-                )
             self.frozen_units = count
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
             self._ddp_needs_rebuild = True
             self.sync_ddp()  # without a known wrapper yet, the rebuild waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
+
+    def _cap_to_keep_optimizer_nonempty(self, count: int) -> int:
+        """
+        The largest count <= `count` that leaves the optimizer at least one parameter. An optimizer with nothing
+        left updates nothing, and a GradScaler then fails with "No inf checks were recorded for this optimizer".
+        """
+        remaining = {id(p) for p in self._param_groups.trainable_parameters()}
+        for index in range(self.frozen_units, count):
+            unit_ids = {id(p) for p in self.units[index].parameters}
+            if remaining and remaining <= unit_ids:
+                if not self._warned_empty_optimizer:
+                    warnings.warn(
+                        f"Freezing unit {index} ({self.units[index].name or '<root>'}) would leave the optimizer "
+                        f"with no parameter, so freezing stops at {index} of {self.num_units} units. Put the "
+                        "classification head in the optimizer, or lower freeze_level.",
+                        stacklevel=3,
+                    )
+                    self._warned_empty_optimizer = True
+                return index
+            remaining -= unit_ids
+        return count
 
     def result(self, newly_frozen_units: int = 0) -> FreezeResult:
         """What is frozen now, as a `FreezeResult`."""

@@ -45,12 +45,16 @@ class FreezableUnit:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """
-    Strip the wrappers that training frameworks put around a model: DDP, `DataParallel` and `torch.compile`.
+    Strip the wrappers that training frameworks put around a model: DDP, `DataParallel`, FSDP1, `torch.compile`.
 
     Parameters are shared with the wrapper, so freezing through the unwrapped model freezes the wrapped one.
     """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FullyShardedDataParallel = nn.parallel.DistributedDataParallel  # noqa: N806
     while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, FullyShardedDataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod

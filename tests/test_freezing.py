@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_timm, train_steps
 from torch import nn
 
-from hf_layer_freeze import LayerFreezer, frozen_param_groups
+from hf_layer_freeze import LayerFreezer, freezable_units, frozen_param_groups
 
 
 def _optimizers(model):
@@ -178,12 +178,41 @@ def test_optimizer_without_model_parameters():
         LayerFreezer(model, torch.optim.SGD(other.parameters(), lr=0.1))
 
 
-def test_freezing_everything_in_the_optimizer_warns():
+def test_freezing_never_empties_the_optimizer():
     model = tiny_timm()
-    body = [p for u in LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1)).units for p in u.parameters]
-    body_only = torch.optim.SGD(body, lr=0.1)
-    with pytest.warns(UserWarning, match="removed every parameter from the optimizer"):
-        LayerFreezer(model, body_only).update(1.0)
+    units = freezable_units(model)
+    body_only = torch.optim.SGD([p for u in units for p in u.parameters], lr=0.1)  # no head in it
+    freezer = LayerFreezer(model, body_only)
+    with pytest.warns(UserWarning, match="would leave the optimizer with no parameter, so freezing stops at 27"):
+        result = freezer.update(1.0)
+    assert result.frozen_units == len(units) - 1
+    assert [id(p) for g in body_only.param_groups for p in g["params"]] == [id(p) for p in units[-1].parameters]
+
+
+def test_fp16_grad_scaler_keeps_working_through_freeze_events():
+    model = tiny_timm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    freezer = LayerFreezer(model, optimizer, freeze_start=0.0, freeze_level=1.0)
+    generator = torch.Generator().manual_seed(0)
+    snapshots = {}
+    for step in range(1, 7):
+        x = torch.randn(4, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 10, (4,), generator=generator)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # raises if the optimizer had no parameter with a gradient
+        scaler.update()
+        optimizer.zero_grad()
+        for name, param in snapshots.items():
+            assert torch.equal(param, dict(model.named_parameters())[name]), name
+        freezer.update(step / 6)
+        for unit in freezer.units[: freezer.frozen_units]:
+            for name, param in zip(unit.parameter_names, unit.parameters, strict=True):
+                snapshots.setdefault(name, param.detach().clone())
+    assert freezer.frozen_units == freezer.num_units
+    assert scaler.get_scale() > 0
 
 
 def test_under_distributed_a_bare_model_outside_ddp_fails_loudly(monkeypatch):
@@ -199,3 +228,22 @@ def test_under_distributed_a_bare_model_outside_ddp_fails_loudly(monkeypatch):
     model.train()
     with pytest.raises(RuntimeError, match="not running inside a DistributedDataParallel wrapper"):
         model(torch.randn(2, 3, 32, 32))
+
+
+def test_deepspeed_is_refused_with_the_next_step():
+    model = tiny_timm()
+    engine_type = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})
+    engine = engine_type()
+    engine.add_module("module", model)
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed.*Use DDP or FSDP"):
+        LayerFreezer(engine, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_missing_ddp_internals_fail_loudly():
+    from hf_layer_freeze.distributed import check_ddp_internals
+
+    class NotQuiteDDP:
+        reducer = logger = static_graph = None
+
+    with pytest.raises(RuntimeError, match="lacks _build_params_for_reducer.*needs to rebuild DDP's gradient buckets"):
+        check_ddp_internals(NotQuiteDDP())

@@ -130,3 +130,24 @@ def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path):
     assert resumed[0]["records"][0]["trainable"] < full[0]["records"][0]["trainable"]
     assert resumed[0]["state_digest"] == full[0]["state_digest"]
     assert resumed[1]["digest"] == full[1]["digest"]
+
+
+def _torchrun_fsdp(out: Path, mode: str) -> list[dict]:
+    port = str(29500 + (os.getpid() + 13) % 1000)
+    command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
+    return _launch([*command, str(WORKERS / "fsdp_worker.py"), "--out", str(out), "--fsdp", mode], out)
+
+
+@pytest.mark.parametrize("mode", ["2", "1-orig"], ids=["fsdp2-fully_shard", "fsdp1-use_orig_params"])
+def test_fsdp_freezing_keeps_ranks_identical_and_frozen_parameters_unchanged(tmp_path, mode):
+    ranks = _torchrun_fsdp(tmp_path, mode)
+    for result in ranks:
+        assert "refused" not in result
+        assert result["identical"] and result["unchanged"]
+        assert result["counts"][-1] == result["num_units"] and len(set(result["counts"])) >= 5
+
+
+def test_fsdp1_flat_parameters_are_refused_with_the_next_step(tmp_path):
+    ranks = _torchrun_fsdp(tmp_path, "1-flat")
+    for result in ranks:
+        assert "use_orig_params=True" in result["refused"]

@@ -1,0 +1,104 @@
+"""Worker for tests/test_multiprocess.py: LayerFreezer under FSDP2 (`fully_shard`) or FSDP1, 2 processes, gloo.
+
+Run with `torchrun --nproc_per_node 2 fsdp_worker.py --out DIR --fsdp {2,1-orig,1-flat}`. Checks after every step
+that the full (unsharded) parameters are identical on both ranks and that frozen ones are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import timm
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from hf_layer_freeze import LayerFreezer  # noqa: E402
+
+
+def full_parameters(model) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            return {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = tensor.detach().clone()
+    return out
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(tensors[name].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fsdp", required=True, choices=["2", "1-orig", "1-flat"])
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    if args.fsdp == "2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            fully_shard(stage, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=args.fsdp == "1-orig")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    result = {"rank": rank, "world_size": world}
+    try:
+        freezer = LayerFreezer(model, optimizer, freeze_start=0.2, freeze_level=1.0)
+    except NotImplementedError as error:
+        result["refused"] = str(error)
+        freezer = None
+    identical, unchanged, counts = True, True, []
+    if freezer is not None:
+        generator = torch.Generator().manual_seed(100 + rank)
+        frozen_before: dict[str, torch.Tensor] = {}
+        for step in range(1, args.steps + 1):
+            x = torch.randn(8, 3, 32, 32, generator=generator)
+            y = torch.randint(0, 10, (8,), generator=generator)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            params = full_parameters(model)
+            digests = [None] * world
+            dist.all_gather_object(digests, digest(params))
+            identical &= len(set(digests)) == 1
+            for name, before in frozen_before.items():
+                unchanged &= torch.equal(before, params[name])
+            freezer.update(step / args.steps)
+            counts.append(freezer.frozen_units)
+            frozen_names = {n for u in freezer.units[: freezer.frozen_units] for n in u.parameter_names}
+            for name in frozen_names:
+                frozen_before.setdefault(name, params[name])
+        result.update(num_units=freezer.num_units, counts=counts)
+    result.update(identical=identical, unchanged=unchanged)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
