@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q
 
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch $(LAUNCH) examples/train_timm.py
@@ -27,7 +27,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check hf_layer_freeze examples tests benchmarks
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_freezing.py
+	$(BIN)/python benchmarks/bench_freezing.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_end_to_end.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_ddp_comm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

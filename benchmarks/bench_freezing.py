@@ -48,7 +48,9 @@ def create(name: str, image_size: int) -> torch.nn.Module:
 class Config:
     """One model with a prefix frozen by LayerFreezer, ready to step."""
 
-    def __init__(self, base: torch.nn.Module, fraction: float, args, attach_freezer: bool = True):
+    def __init__(
+        self, base: torch.nn.Module, fraction: float, args, attach_freezer: bool = True, freeze_start: float = 0.0
+    ):
         self.fraction = fraction
         self.model = copy.deepcopy(base).to(args.device)
         if args.channels_last:
@@ -58,7 +60,7 @@ class Config:
         self.freezer = None
         self.frozen_units = 0
         if attach_freezer:
-            self.freezer = LayerFreezer(self.model, self.optimizer, freeze_start=0.0, freeze_level=1.0)
+            self.freezer = LayerFreezer(self.model, self.optimizer, freeze_start=freeze_start, freeze_level=1.0)
             self.frozen_units = num_units_to_freeze(fraction, self.freezer.num_units)
             self.freezer.freeze_units(self.frozen_units)
         self.args = args

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import (
     active_ddp_module,
+    check_ddp_internals,
     check_supported_wrapping,
     find_ddp_wrapper,
     is_distributed,
@@ -109,6 +110,8 @@ class LayerFreezer:
             )
         self._total_params = sum(p.numel() for p in unwrap_model(model).parameters())
         self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
+        if self._ddp is not None:
+            check_ddp_internals(self._ddp)  # fail now, not at the first freeze hours into training
         self._ddp_needs_rebuild = False
         self._discovery_hook = None
         if self._ddp is None and is_distributed() and not is_fsdp_managed(model):
@@ -143,6 +146,7 @@ class LayerFreezer:
             raise ValueError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
         if unwrap_model(ddp_model) is not unwrap_model(self.model):
             raise ValueError("ddp_model does not wrap the model this LayerFreezer freezes")
+        check_ddp_internals(ddp_model)
         self._ddp = ddp_model
         if self._discovery_hook is not None:
             self._discovery_hook.remove()

@@ -84,6 +84,7 @@ def num_units_to_freeze(fraction: float, num_units: int) -> int:
     Example:
 
     ```python
+    >>> from hf_layer_freeze import num_units_to_freeze
     >>> num_units_to_freeze(0.5, 7)
     3
     ```

@@ -110,7 +110,7 @@ def freezable_units(model: nn.Module) -> list[FreezableUnit]:
     >>> model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     >>> units = freezable_units(model)
     >>> units[0].name, units[-1].name
-    ('conv1.0', 'layer4.0.bn2')
+    ('conv1.0', 'layer4.0.downsample.2')
     ```
     """
     if not isinstance(model, nn.Module):
