@@ -63,6 +63,7 @@ class LayerFreezer:
     >>> freezer = LayerFreezer(model, optimizer, freeze_start=0.5, freeze_level=1.0)
     >>> freezer.update(0.75).frozen_units  # half of the 28 units
     14
+
     ```
 
     In an Accelerate loop:

@@ -67,6 +67,7 @@ def freeze_fraction(progress: float, freeze_start: float = 0.5, freeze_level: fl
     0.5
     >>> freeze_fraction(0.4)
     0.0
+
     ```
     """
     progress = validate_progress(progress)
@@ -87,6 +88,7 @@ def num_units_to_freeze(fraction: float, num_units: int) -> int:
     >>> from hf_layer_freeze import num_units_to_freeze
     >>> num_units_to_freeze(0.5, 7)
     3
+
     ```
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:

@@ -111,6 +111,7 @@ def freezable_units(model: nn.Module) -> list[FreezableUnit]:
     >>> units = freezable_units(model)
     >>> units[0].name, units[-1].name
     ('conv1.0', 'layer4.0.downsample.2')
+
     ```
     """
     if not isinstance(model, nn.Module):
