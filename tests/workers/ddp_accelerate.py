@@ -8,7 +8,6 @@ Writes its findings to OUT/rank{N}.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -18,31 +17,11 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import CountingState, counting_allreduce_hook, params_digest  # noqa: E402
+
 from hf_layer_freeze import LayerFreezer  # noqa: E402
-
-
-class CountingState:
-    """Comm-hook state that counts the gradient elements handed to all-reduce."""
-
-    def __init__(self, process_group=None):
-        self.process_group = process_group
-        self.elements = 0
-
-
-def counting_allreduce_hook(state: CountingState, bucket):
-    state.elements += bucket.buffer().numel()
-    return default_hooks.allreduce_hook(state.process_group, bucket)
-
-
-def params_digest(model) -> str:
-    # Parameters only: DDP re-broadcasts buffers (BatchNorm statistics) from rank 0 at each forward.
-    digest = hashlib.sha256()
-    for param in model.parameters():
-        digest.update(param.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def main() -> int:

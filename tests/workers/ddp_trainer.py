@@ -8,7 +8,6 @@ With `--resume-from`, resumes from that checkpoint. Writes OUT/rank{N}.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -16,7 +15,6 @@ import sys
 import timm  # noqa: F401  (TimmWrapper needs it)
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
@@ -27,38 +25,18 @@ from transformers import (
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import CountingState, counting_allreduce_hook, params_digest, tensors_digest  # noqa: E402
 from conftest import RandomImages  # noqa: E402
 
 from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
 
 
-def params_digest(model) -> str:
-    digest = hashlib.sha256()
-    for param in model.parameters():
-        digest.update(param.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def state_digest(trainer) -> str:
     """Weights, buffers and optimizer state, for comparing a resumed run with an uninterrupted one."""
-    digest = hashlib.sha256()
     tensors = list(trainer.model.state_dict().values())
     for entry in trainer.optimizer.state_dict()["state"].values():
         tensors.extend(torch.as_tensor(v) for v in entry.values())
-    for tensor in tensors:
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class CountingState:
-    def __init__(self):
-        self.process_group = None
-        self.elements = 0
-
-
-def counting_allreduce_hook(state, bucket):
-    state.elements += bucket.buffer().numel()
-    return default_hooks.allreduce_hook(state.process_group, bucket)
+    return tensors_digest(tensors)
 
 
 class RankCheck(TrainerCallback):

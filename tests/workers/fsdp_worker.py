@@ -7,7 +7,6 @@ that the full (unsharded) parameters are identical on both ranks and that frozen
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -17,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import tensors_digest  # noqa: E402
+
 from hf_layer_freeze import LayerFreezer  # noqa: E402
 
 
@@ -34,10 +35,7 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(tensors[name].reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_digest(tensors[name] for name in sorted(tensors))
 
 
 def main() -> int:
