@@ -20,12 +20,26 @@ from .distributed import (
     rebuild_ddp_reducer,
 )
 from .freezing import FreezeResult, freeze_parameters, frozen_param_groups
-from .schedule import freeze_fraction, num_units_to_freeze, validate_freeze_level, validate_freeze_start
-from .units import FreezableUnit, freezable_units, unwrap_model
+from .schedule import (
+    freeze_fraction,
+    num_units_for_budget,
+    num_units_to_freeze,
+    validate_choice,
+    validate_freeze_level,
+    validate_freeze_start,
+)
+from .units import GRANULARITIES, FreezableUnit, UnitProfile, freezable_units, profile_units, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerFreezer"]
+__all__ = ["BUDGETS", "LayerFreezer", "ORDERS"]
+
+ORDERS = ("definition", "execution")
+BUDGETS = ("units", "params", "flops")
+
+
+def _stay_in_eval(module: nn.Module, args: tuple) -> None:
+    module.training = False
 
 
 class LayerFreezer:
@@ -52,6 +66,18 @@ class LayerFreezer:
             Fraction of training, in [0, 1), after which freezing starts.
         freeze_level (`float`, *optional*, defaults to 1.0):
             Fraction of the units frozen at the end of training, in [0, 1].
+        order (`str`, *optional*, defaults to `"definition"`):
+            `"definition"`: depth-first order of the ownership tree (the method card's). `"execution"`: order of
+            first use in a forward pass, recorded once on the first training batch, so the frozen set is a prefix
+            of the computation even where the code defines modules in another order.
+        granularity (`str`, *optional*, defaults to `"module"`):
+            `"module"`: every module owning parameters is a unit. `"block"`: the timm model's own
+            `group_matcher()` groups (stem, blocks, stages), so no block is half frozen.
+        budget (`str`, *optional*, defaults to `"units"`):
+            What the freeze fraction counts: `"units"` (the card's), `"params"` (cumulative parameters) or
+            `"flops"` (cumulative forward FLOPs, counted once on the first training batch).
+        freeze_batchnorm (`bool`, *optional*, defaults to `False`):
+            Also freeze the running statistics of frozen BatchNorm layers (they normalize with them).
 
     Example:
 
@@ -85,9 +111,19 @@ class LayerFreezer:
         optimizer: torch.optim.Optimizer,
         freeze_start: float = 0.5,
         freeze_level: float = 1.0,
+        order: str = "definition",
+        granularity: str = "module",
+        budget: str = "units",
+        freeze_batchnorm: bool = False,
     ) -> None:
         self.freeze_start = validate_freeze_start(freeze_start)
         self.freeze_level = validate_freeze_level(freeze_level)
+        self.order = validate_choice("order", order, ORDERS)
+        self.granularity = validate_choice("granularity", granularity, GRANULARITIES)
+        self.budget = validate_choice("budget", budget, BUDGETS)
+        if not isinstance(freeze_batchnorm, bool):
+            raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
+        self.freeze_batchnorm = freeze_batchnorm
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -96,7 +132,7 @@ class LayerFreezer:
 
         self.model = model
         self.optimizer = optimizer
-        self.units: list[FreezableUnit] = freezable_units(model)
+        self.units: list[FreezableUnit] = freezable_units(model, granularity)
         if not self.units:
             raise ValueError(
                 f"model ({type(unwrap_model(model)).__name__}) has no freezable unit: it needs at least one module "
@@ -122,6 +158,15 @@ class LayerFreezer:
         self.frozen_units = 0
         self.fraction = 0.0
         self._warned_empty_optimizer = False
+        self._batchnorm_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # order="execution" and budget="flops" need one forward pass: the first training forward provides it.
+        self.profile: UnitProfile | None = None
+        self._pending_count: int | None = None
+        self._profile_hook = None
+        if order == "execution" or budget == "flops":
+            self._profile_hook = unwrap_model(model).register_forward_pre_hook(
+                self._profile_on_first_forward, with_kwargs=True, prepend=True
+            )
         # Units that are frozen already (a second freezer on the same model) count as frozen.
         while self.frozen_units < len(self.units) and not any(
             p.requires_grad for p in self.units[self.frozen_units].parameters
@@ -179,9 +224,59 @@ class LayerFreezer:
             rebuild_ddp_reducer(self._ddp)
             self._ddp_needs_rebuild = False
 
+    @property
+    def profiled(self) -> bool:
+        """Whether the unit order and weights are final (always, unless they wait for the first forward)."""
+        return self._profile_hook is None
+
+    def profile_with(self, *args: Any, **kwargs: Any) -> UnitProfile:
+        """
+        Profile the units on an example input now (`model(*args, **kwargs)`, no gradient, eval mode) instead of
+        waiting for the first training forward: order them by first use (`order="execution"`) and count their
+        forward FLOPs (`budget="flops"`). Every rank must pass inputs of the same shape.
+        """
+        if self.frozen_units:
+            raise RuntimeError("profile before freezing anything: the unit order decides what is frozen")
+        profile = profile_units(self.model, self.units, *args, **kwargs)
+        if self.order == "execution":
+            ranks = sorted(range(self.num_units), key=lambda i: profile.first_use[i])
+            self.units = [self.units[i] for i in ranks]
+            profile = UnitProfile(
+                tuple(profile.first_use[i] for i in ranks), tuple(profile.forward_flops[i] for i in ranks)
+            )
+        self.profile = profile
+        if self._profile_hook is not None:
+            self._profile_hook.remove()
+            self._profile_hook = None
+        return profile
+
+    def _profile_on_first_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._profile_hook is None or not (torch.is_grad_enabled() and module.training):
+            return
+        self._profile_hook.remove()  # also keeps the profiling forward below from re-entering
+        self._profile_hook = None
+        with torch.no_grad():
+            self.profile_with(*args, **kwargs)
+        if self._pending_count is not None:
+            count, self._pending_count = self._pending_count, None
+            rebuild_now = self._ddp is not None and active_ddp_module() is self._ddp
+            self.freeze_units(count)
+            if rebuild_now and self._ddp.require_backward_grad_sync:
+                self._ddp.reducer.prepare_for_forward()  # the rebuilt reducer, as DDP prepared the old one
+
+    def _unit_weights(self) -> list[int]:
+        if self.budget == "params":
+            return [unit.numel for unit in self.units]
+        return list(self.profile.forward_flops)
+
     def num_units_at(self, progress: float) -> int:
-        """How many units the schedule freezes at `progress` (no side effect)."""
-        return num_units_to_freeze(freeze_fraction(progress, self.freeze_start, self.freeze_level), self.num_units)
+        """How many units the schedule freezes at `progress` (no side effect; needs the profile if any)."""
+        fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
+        if self.budget == "units":
+            return num_units_to_freeze(fraction, self.num_units)
+        if not self.profiled and self.budget == "flops":
+            raise RuntimeError("budget='flops' needs the first forward pass (or profile_with) before counting")
+        return num_units_for_budget(fraction, self._unit_weights())
 
     def update(self, progress: float) -> FreezeResult:
         """
@@ -196,7 +291,12 @@ class LayerFreezer:
             `FreezeResult`: what is frozen now.
         """
         fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
-        result = self.freeze_units(num_units_to_freeze(fraction, self.num_units))
+        if not self.profiled:
+            # Only a resume re-applies a freeze before any forward: it waits for the first one.
+            self._pending_count = max(self._pending_count or 0, self._count_before_profile(fraction))
+            self.fraction = max(self.fraction, fraction)
+            return self.result()
+        result = self.freeze_units(self.num_units_at(progress))
         self.fraction = max(self.fraction, fraction)
         return FreezeResult(**{**result.__dict__, "fraction": self.fraction})
 
@@ -210,17 +310,42 @@ class LayerFreezer:
         """
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self.num_units:
             raise ValueError(f"count must be an integer in [0, {self.num_units}], got {count!r}")
+        if not self.profiled and self.order == "execution":
+            if count > self.frozen_units:
+                self._pending_count = max(self._pending_count or 0, count)  # applied at the first forward
+            return self.result()
         count = self._cap_to_keep_optimizer_nonempty(count)
         newly = self.units[self.frozen_units : count]
         if newly:
             params = [p for unit in newly for p in unit.parameters]
             freeze_parameters(params)
             self._param_groups.remove(params)
+            if self.freeze_batchnorm:
+                self._lock_batchnorm_in_eval(newly)
             self.frozen_units = count
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
             self._ddp_needs_rebuild = True
             self.sync_ddp()  # without a known wrapper yet, the rebuild waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
+
+    def _count_before_profile(self, fraction: float) -> int:
+        if self.budget == "params":
+            return num_units_for_budget(fraction, [unit.numel for unit in self.units])
+        if self.budget == "units":
+            return num_units_to_freeze(fraction, self.num_units)
+        raise RuntimeError(
+            "budget='flops' cannot count units before the first forward pass; call freezer.profile_with(batch) "
+            "before resuming"
+        )
+
+    def _lock_batchnorm_in_eval(self, units: list[FreezableUnit]) -> None:
+        """Frozen BatchNorm layers normalize with their running statistics and stop updating them, even though
+        training loops call `model.train()` every step: a pre-forward hook puts them back in eval mode."""
+        for unit in units:
+            for module in unit.owner_modules(self.model):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+                    self._batchnorm_hooks.append(module.register_forward_pre_hook(_stay_in_eval))
 
     def _cap_to_keep_optimizer_nonempty(self, count: int) -> int:
         """
@@ -258,8 +383,12 @@ class LayerFreezer:
 
     # Checkpointing through `accelerator.register_for_checkpointing`.
     def state_dict(self) -> dict[str, Any]:
-        """The freezer's progress: how many units are frozen and the fraction reached."""
-        return {"frozen_units": self.frozen_units, "fraction": self.fraction, "num_units": self.num_units}
+        """The freezer's progress: how many units are frozen (or waiting to be) and the fraction reached."""
+        return {
+            "frozen_units": max(self.frozen_units, self._pending_count or 0),
+            "fraction": self.fraction,
+            "num_units": self.num_units,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes)."""

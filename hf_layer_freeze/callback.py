@@ -12,9 +12,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from .accelerate import LayerFreezer
+from .accelerate import BUDGETS, ORDERS, LayerFreezer
 from .freezing import FreezeResult
-from .schedule import validate_freeze_level, validate_freeze_start
+from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
+from .units import GRANULARITIES
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             Fraction of the units frozen at the end of training, in [0, 1].
         freeze_every (`str`, *optional*, defaults to `"epoch"`):
             `"epoch"` to freeze at the end of each epoch, `"step"` to freeze as soon as the count of units grows.
+        order, granularity, budget, freeze_batchnorm:
+            As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
+            "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool.
 
     Example:
 
@@ -64,12 +68,27 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     ```
     """
 
-    def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, freeze_every: str = "epoch") -> None:
+    def __init__(
+        self,
+        freeze_start: float = 0.5,
+        freeze_level: float = 1.0,
+        freeze_every: str = "epoch",
+        order: str = "definition",
+        granularity: str = "module",
+        budget: str = "units",
+        freeze_batchnorm: bool = False,
+    ) -> None:
         self.freeze_start = validate_freeze_start(freeze_start)
         self.freeze_level = validate_freeze_level(freeze_level)
         if freeze_every not in FREEZE_EVERY_CHOICES:
             raise ValueError(f"freeze_every must be one of {FREEZE_EVERY_CHOICES}, got {freeze_every!r}")
         self.freeze_every = freeze_every
+        self.order = validate_choice("order", order, ORDERS)
+        self.granularity = validate_choice("granularity", granularity, GRANULARITIES)
+        self.budget = validate_choice("budget", budget, BUDGETS)
+        if not isinstance(freeze_batchnorm, bool):
+            raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
+        self.freeze_batchnorm = freeze_batchnorm
         self.freezer: LayerFreezer | None = None
         self.frozen_units = 0
         self._last: FreezeResult | None = None
@@ -81,6 +100,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
                 "freeze_start": self.freeze_start,
                 "freeze_level": self.freeze_level,
                 "freeze_every": self.freeze_every,
+                "order": self.order,
+                "granularity": self.granularity,
+                "budget": self.budget,
+                "freeze_batchnorm": self.freeze_batchnorm,
             },
             "attributes": {"frozen_units": self.frozen_units},
         }
@@ -100,7 +123,16 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
-        self.freezer = LayerFreezer(model, optimizer, self.freeze_start, self.freeze_level)
+        self.freezer = LayerFreezer(
+            model,
+            optimizer,
+            self.freeze_start,
+            self.freeze_level,
+            order=self.order,
+            granularity=self.granularity,
+            budget=self.budget,
+            freeze_batchnorm=self.freeze_batchnorm,
+        )
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self._record(self.freezer.freeze_units(self._units_at_resume(state)), state)
 
@@ -151,7 +183,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """How many units were frozen at the step training (re)starts from."""
         if state.global_step == 0:
             return 0
-        from_schedule = self.freezer.num_units_at(self._progress(state))
+        if self.budget == "flops" and not self.freezer.profiled:
+            from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
+        else:
+            from_schedule = self.freezer.num_units_at(self._progress(state))
         saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
         if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
             saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)

@@ -10,7 +10,9 @@ import math
 
 __all__ = [
     "freeze_fraction",
+    "num_units_for_budget",
     "num_units_to_freeze",
+    "validate_choice",
     "validate_freeze_level",
     "validate_freeze_start",
     "validate_progress",
@@ -32,6 +34,13 @@ def validate_freeze_level(freeze_level: float) -> float:
     if isinstance(freeze_level, bool) or not isinstance(freeze_level, (int, float)) or not 0 <= freeze_level <= 1:
         raise ValueError(f"freeze_level must be a number in [0, 1], got {freeze_level!r}")
     return float(freeze_level)
+
+
+def validate_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Return `value`, or raise `ValueError` naming `name`, the allowed values and the value."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def validate_progress(progress: float) -> float:
@@ -96,3 +105,36 @@ def num_units_to_freeze(fraction: float, num_units: int) -> int:
     if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 0:
         raise ValueError(f"num_units must be a non-negative integer, got {num_units!r}")
     return min(num_units, math.floor(fraction * num_units + _FLOOR_TOLERANCE))
+
+
+def num_units_for_budget(fraction: float, weights: list[int] | tuple[int, ...]) -> int:
+    """
+    How many leading units fit in `fraction` of the total weight (parameters or FLOPs of each unit, in order).
+
+    The largest k with `sum(weights[:k]) <= fraction * sum(weights)`. With all weights equal this is
+    `num_units_to_freeze(fraction, len(weights))`.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import num_units_for_budget
+    >>> num_units_for_budget(0.5, [10, 10, 60, 20])  # the first two units hold 20% of the weight, three hold 80%
+    2
+
+    ```
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must be non-negative")
+    total = sum(weights)
+    if total == 0:
+        return num_units_to_freeze(fraction, len(weights))
+    budget = fraction * total * (1 + _FLOOR_TOLERANCE)
+    count, cumulative = 0, 0
+    for weight in weights:
+        cumulative += weight
+        if cumulative > budget:
+            break
+        count += 1
+    return count

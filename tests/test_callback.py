@@ -136,6 +136,17 @@ RESUME_CASES = {
     # saved at an epoch's last step, before that epoch's on_epoch_end froze more
     "max_steps-epoch-boundary": (dict(max_steps=14, save_strategy="steps", save_steps=4), dict(freeze_start=0.2), 8),
     "step-mode": (dict(max_steps=14, save_strategy="steps", save_steps=5), dict(freeze_every="step"), 10),
+    # the options: the unit order and FLOPs are recorded on the first forward after resuming
+    "execution-order-flops-budget-batchnorm": (
+        dict(max_steps=14, save_strategy="steps", save_steps=5),
+        dict(freeze_start=0.2, order="execution", budget="flops", freeze_batchnorm=True),
+        10,
+    ),
+    "block-granularity-params-budget": (
+        dict(num_train_epochs=4, save_strategy="epoch"),
+        dict(freeze_start=0.25, granularity="block", budget="params"),
+        8,
+    ),
 }
 
 
