@@ -42,6 +42,48 @@ def _stay_in_eval(module: nn.Module, args: tuple) -> None:
     module.training = False
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `model`, or a wrapper around it, is compiled with `torch.compile` (or `module.compile()`)."""
+    while True:
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            return True
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+            continue
+        return False
+
+
+def resolve_max_freeze_events(model: nn.Module, max_freeze_events: int | None) -> int | None:
+    """
+    The bound on distinct freeze events. Under `torch.compile` each event recompiles the training graph and the
+    evaluation graph once; past `torch._dynamo.config.recompile_limit` Dynamo silently runs eager. So a compiled
+    model gets `(recompile_limit - 2) // 2` events by default, and a warning if a given bound would exceed it.
+    """
+    if max_freeze_events is not None and (
+        isinstance(max_freeze_events, bool) or not isinstance(max_freeze_events, int) or max_freeze_events < 1
+    ):
+        raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {max_freeze_events!r}")
+    if not is_compiled(model):
+        return max_freeze_events
+    limit = int(torch._dynamo.config.recompile_limit)
+    safe = max(1, (limit - 2) // 2)
+    if max_freeze_events is None:
+        logger.info("Compiled model: at most %d freeze events (recompile_limit %d).", safe, limit)
+        return safe
+    if max_freeze_events > safe:
+        warnings.warn(
+            f"max_freeze_events={max_freeze_events} on a compiled model: each freeze event recompiles the training "
+            f"and the evaluation graph, and past torch._dynamo.config.recompile_limit={limit} Dynamo silently falls "
+            f"back to eager. Keep max_freeze_events <= {safe}, or raise the limit to at least "
+            f"{2 * max_freeze_events + 2}.",
+            stacklevel=3,
+        )
+    return max_freeze_events
+
+
 class LayerFreezer:
     """
     Progressively freezes the earliest units of a model and keeps its optimizer (and DDP) consistent.
@@ -78,6 +120,10 @@ class LayerFreezer:
             `"flops"` (cumulative forward FLOPs, counted once on the first training batch).
         freeze_batchnorm (`bool`, *optional*, defaults to `False`):
             Also freeze the running statistics of frozen BatchNorm layers (they normalize with them).
+        max_freeze_events (`int`, *optional*):
+            At most this many distinct freeze events (the unit count is rounded down to evenly spaced levels).
+            Unbounded by default, except for a compiled model: each event recompiles it, so the default keeps it
+            within `torch._dynamo.config.recompile_limit`.
 
     Example:
 
@@ -115,6 +161,7 @@ class LayerFreezer:
         granularity: str = "module",
         budget: str = "units",
         freeze_batchnorm: bool = False,
+        max_freeze_events: int | None = None,
     ) -> None:
         self.freeze_start = validate_freeze_start(freeze_start)
         self.freeze_level = validate_freeze_level(freeze_level)
@@ -124,6 +171,7 @@ class LayerFreezer:
         if not isinstance(freeze_batchnorm, bool):
             raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
         self.freeze_batchnorm = freeze_batchnorm
+        self.max_freeze_events = resolve_max_freeze_events(model, max_freeze_events)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -271,7 +319,15 @@ class LayerFreezer:
 
     def num_units_at(self, progress: float) -> int:
         """How many units the schedule freezes at `progress` (no side effect; needs the profile if any)."""
-        fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
+        count = self._count_for_fraction(freeze_fraction(progress, self.freeze_start, self.freeze_level))
+        if self.max_freeze_events is None:
+            return count
+        # At most `max_freeze_events` distinct frozen sets: round down to evenly spaced levels of the final count.
+        final = self._count_for_fraction(self.freeze_level)
+        levels = [final * i // self.max_freeze_events for i in range(1, self.max_freeze_events + 1)]
+        return max((level for level in levels if level <= count), default=0)
+
+    def _count_for_fraction(self, fraction: float) -> int:
         if self.budget == "units":
             return num_units_to_freeze(fraction, self.num_units)
         if not self.profiled and self.budget == "flops":
@@ -293,7 +349,12 @@ class LayerFreezer:
         fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
         if not self.profiled:
             # Only a resume re-applies a freeze before any forward: it waits for the first one.
-            self._pending_count = max(self._pending_count or 0, self._count_before_profile(fraction))
+            if self.budget == "flops":
+                raise RuntimeError(
+                    "budget='flops' cannot count units before the first forward pass; call "
+                    "freezer.profile_with(batch) before resuming"
+                )
+            self._pending_count = max(self._pending_count or 0, self.num_units_at(progress))
             self.fraction = max(self.fraction, fraction)
             return self.result()
         result = self.freeze_units(self.num_units_at(progress))
@@ -327,16 +388,6 @@ class LayerFreezer:
             self._ddp_needs_rebuild = True
             self.sync_ddp()  # without a known wrapper yet, the rebuild waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
-
-    def _count_before_profile(self, fraction: float) -> int:
-        if self.budget == "params":
-            return num_units_for_budget(fraction, [unit.numel for unit in self.units])
-        if self.budget == "units":
-            return num_units_to_freeze(fraction, self.num_units)
-        raise RuntimeError(
-            "budget='flops' cannot count units before the first forward pass; call freezer.profile_with(batch) "
-            "before resuming"
-        )
 
     def _lock_batchnorm_in_eval(self, units: list[FreezableUnit]) -> None:
         """Frozen BatchNorm layers normalize with their running statistics and stop updating them, even though

@@ -48,9 +48,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             Fraction of the units frozen at the end of training, in [0, 1].
         freeze_every (`str`, *optional*, defaults to `"epoch"`):
             `"epoch"` to freeze at the end of each epoch, `"step"` to freeze as soon as the count of units grows.
-        order, granularity, budget, freeze_batchnorm:
+        order, granularity, budget, freeze_batchnorm, max_freeze_events:
             As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
-            "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool.
+            "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
+            `None` or a positive integer. The Trainer hands callbacks the model before `torch_compile` wraps it,
+            so with `torch_compile=True` set `max_freeze_events` yourself (3 fits Dynamo's default limit of 8).
 
     Example:
 
@@ -77,6 +79,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         granularity: str = "module",
         budget: str = "units",
         freeze_batchnorm: bool = False,
+        max_freeze_events: int | None = None,
     ) -> None:
         self.freeze_start = validate_freeze_start(freeze_start)
         self.freeze_level = validate_freeze_level(freeze_level)
@@ -89,6 +92,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if not isinstance(freeze_batchnorm, bool):
             raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
         self.freeze_batchnorm = freeze_batchnorm
+        if max_freeze_events is not None and (
+            isinstance(max_freeze_events, bool) or not isinstance(max_freeze_events, int) or max_freeze_events < 1
+        ):
+            raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {max_freeze_events!r}")
+        self.max_freeze_events = max_freeze_events
         self.freezer: LayerFreezer | None = None
         self.frozen_units = 0
         self._last: FreezeResult | None = None
@@ -104,6 +112,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
                 "granularity": self.granularity,
                 "budget": self.budget,
                 "freeze_batchnorm": self.freeze_batchnorm,
+                "max_freeze_events": self.max_freeze_events,
             },
             "attributes": {"frozen_units": self.frozen_units},
         }
@@ -132,6 +141,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             granularity=self.granularity,
             budget=self.budget,
             freeze_batchnorm=self.freeze_batchnorm,
+            max_freeze_events=self.max_freeze_events,
         )
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self._record(self.freezer.freeze_units(self._units_at_resume(state)), state)
