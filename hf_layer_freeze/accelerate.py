@@ -42,6 +42,12 @@ def _stay_in_eval(module: nn.Module, args: tuple) -> None:
     module.training = False
 
 
+def _prepare_rebuilt_reducer(ddp: DistributedDataParallel) -> None:
+    """After a rebuild inside DDP's forward: DDP prepared its old reducer for this forward, so prepare the new one."""
+    if ddp.require_backward_grad_sync:
+        ddp.reducer.prepare_for_forward()
+
+
 def is_compiled(model: nn.Module) -> bool:
     """Whether `model`, or a wrapper around it, is compiled with `torch.compile` (or `module.compile()`)."""
     while True:
@@ -171,9 +177,9 @@ class LayerFreezer:
         if not isinstance(freeze_batchnorm, bool):
             raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
         self.freeze_batchnorm = freeze_batchnorm
-        self.max_freeze_events = resolve_max_freeze_events(model, max_freeze_events)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.max_freeze_events = resolve_max_freeze_events(model, max_freeze_events)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_supported_wrapping(model, optimizer)
@@ -193,7 +199,6 @@ class LayerFreezer:
                 "optimizer holds none of the model's parameters: build it from model.parameters() "
                 "(the same model passed to LayerFreezer)"
             )
-        self._total_params = sum(p.numel() for p in unwrap_model(model).parameters())
         self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
         if self._ddp is not None:
             check_ddp_internals(self._ddp)  # fail now, not at the first freeze hours into training
@@ -262,9 +267,8 @@ class LayerFreezer:
             )
         pending = self._ddp_needs_rebuild
         self.set_ddp_model(ddp)
-        if pending and ddp.require_backward_grad_sync:
-            # DDP prepared its old reducer for this forward already; prepare the rebuilt one the same way.
-            ddp.reducer.prepare_for_forward()
+        if pending:
+            _prepare_rebuilt_reducer(ddp)
 
     def sync_ddp(self) -> None:
         """Rebuild the DDP reducer now if a freeze happened since the last rebuild (between iterations only)."""
@@ -283,8 +287,10 @@ class LayerFreezer:
         waiting for the first training forward: order them by first use (`order="execution"`) and count their
         forward FLOPs (`budget="flops"`). Every rank must pass inputs of the same shape.
         """
-        if self.frozen_units:
-            raise RuntimeError("profile before freezing anything: the unit order decides what is frozen")
+        if self.frozen_units and self.order == "execution":
+            raise RuntimeError(
+                "with order='execution', profile before freezing anything: the order decides what is frozen"
+            )
         profile = profile_units(self.model, self.units, *args, **kwargs)
         if self.order == "execution":
             ranks = sorted(range(self.num_units), key=lambda i: profile.first_use[i])
@@ -309,8 +315,8 @@ class LayerFreezer:
             count, self._pending_count = self._pending_count, None
             rebuild_now = self._ddp is not None and active_ddp_module() is self._ddp
             self.freeze_units(count)
-            if rebuild_now and self._ddp.require_backward_grad_sync:
-                self._ddp.reducer.prepare_for_forward()  # the rebuilt reducer, as DDP prepared the old one
+            if rebuild_now:
+                _prepare_rebuilt_reducer(self._ddp)
 
     def _unit_weights(self) -> list[int]:
         if self.budget == "params":

@@ -13,7 +13,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .accelerate import BUDGETS, ORDERS, LayerFreezer
-from .freezing import FreezeResult
 from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
 from .units import GRANULARITIES
 
@@ -98,8 +97,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {max_freeze_events!r}")
         self.max_freeze_events = max_freeze_events
         self.freezer: LayerFreezer | None = None
-        self.frozen_units = 0
-        self._last: FreezeResult | None = None
+        self._frozen_units = 0
 
     # ExportableState: saved into trainer_state.json with each checkpoint.
     def state(self) -> dict[str, Any]:
@@ -144,7 +142,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             max_freeze_events=self.max_freeze_events,
         )
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
-        self._record(self.freezer.freeze_units(self._units_at_resume(state)), state)
+        self.freezer.freeze_units(self._units_at_resume(state))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.freeze_every == "step":
@@ -154,34 +152,41 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._update(state, control)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
-        if logs is None or self._last is None or not any(k in logs for k in ("loss", "train_loss")):
+        if logs is None or self.freezer is None or not any(k in logs for k in ("loss", "train_loss")):
             return
         metrics = self.metrics()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
+    @property
+    def frozen_units(self) -> int:
+        """Units frozen so far, counting a freeze that waits for the first forward pass (what a checkpoint keeps)."""
+        if self.freezer is not None:
+            return self.freezer.state_dict()["frozen_units"]
+        return self._frozen_units
+
+    @frozen_units.setter
+    def frozen_units(self, value: int) -> None:  # restore_callback_states_from_checkpoint sets it
+        self._frozen_units = int(value)
+
     def metrics(self) -> dict[str, float]:
         """The values this callback logs, under the `layer_freeze/` namespace."""
-        if self._last is None:
+        if self.freezer is None:
             return {}
+        result = self.freezer.result()
         return {
-            "layer_freeze/fraction": self._last.fraction,
-            "layer_freeze/frozen_units": self._last.frozen_units,
-            "layer_freeze/frozen_params": self._last.frozen_params,
+            "layer_freeze/fraction": result.fraction,
+            "layer_freeze/frozen_units": self.frozen_units,
+            "layer_freeze/frozen_params": result.frozen_params,
         }
 
     def _update(self, state: TrainerState, control: TrainerControl) -> None:
         if self.freezer is None:
             raise RuntimeError("LayerFreezingCallback got a step before on_train_begin")
         result = self.freezer.update(self._progress(state))
-        self._record(result, state)
         if result.changed:
             control.should_log = True
-
-    def _record(self, result: FreezeResult, state: TrainerState) -> None:
-        self._last = result
-        self.frozen_units = result.frozen_units
 
     @staticmethod
     def _progress(state: TrainerState) -> float:

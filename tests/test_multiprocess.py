@@ -106,24 +106,20 @@ def test_trainer_callback_finds_the_ddp_wrapper_and_keeps_ranks_identical(tmp_pa
     assert ranks[0]["digest"] == ranks[1]["digest"]
 
 
-def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path):
-    full = _torchrun(tmp_path / "full", "--save-steps", "5", "--freeze-every", "epoch", "--samples", "64")
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--order", "execution", "--budget", "flops"]],
+    ids=["defaults", "execution-order-flops-budget"],
+)
+def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path, options):
+    common = ["--save-steps", "5", "--freeze-every", "epoch", "--samples", "64", *options]
+    full = _torchrun(tmp_path / "full", *common)
     checkpoint = tmp_path / "full" / "trainer" / "checkpoint-10"
     assert checkpoint.is_dir()
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     frozen_at_checkpoint = saved["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"]
     assert 0 < frozen_at_checkpoint < full[0]["num_units"]
-    resumed = _torchrun(
-        tmp_path / "resumed",
-        "--save-steps",
-        "5",
-        "--freeze-every",
-        "epoch",
-        "--samples",
-        "64",
-        "--resume-from",
-        str(checkpoint),
-    )
+    resumed = _torchrun(tmp_path / "resumed", *common, "--resume-from", str(checkpoint))
     assert resumed[0]["records"][0]["frozen_units"] >= frozen_at_checkpoint
     # the freeze re-applied before the first step reached DDP's buckets before the first backward
     assert all(r["allreduced"] == r["trainable"] for r in resumed[0]["records"]), resumed[0]["records"]

@@ -139,3 +139,15 @@ def test_option_values_are_validated(kwargs, match):
     model = tiny_timm()
     with pytest.raises(ValueError, match=match):
         LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_flops_budget_resumed_before_the_first_forward_profiles_on_it():
+    model = tiny_timm("resnet10t")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = LayerFreezer(model, optimizer, budget="flops")
+    with pytest.raises(RuntimeError, match="budget='flops' cannot count units before the first forward pass"):
+        freezer.update(0.9)
+    freezer.freeze_units(5)  # what a resume re-applies from the saved count
+    train_steps(model, optimizer, steps=1)  # the first training forward profiles the units
+    assert freezer.profiled and freezer.frozen_units == 5
+    assert freezer.num_units_at(0.9) > 5

@@ -49,7 +49,8 @@ class RankCheck(TrainerCallback):
         self.hooked = False
         self.trainable = None
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # after this step's backward, before any freeze at its end: what the backward had to all-reduce
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -78,11 +79,15 @@ def main() -> int:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume-from")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--order", default="definition")
+    parser.add_argument("--budget", default="units")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
-    freezing = LayerFreezingCallback(freeze_start=0.2, freeze_level=1.0, freeze_every=args.freeze_every)
+    freezing = LayerFreezingCallback(
+        freeze_start=0.2, freeze_level=1.0, freeze_every=args.freeze_every, order=args.order, budget=args.budget
+    )
     check = RankCheck(freezing)
     training_args = TrainingArguments(
         output_dir=os.path.join(args.out, "trainer"),
