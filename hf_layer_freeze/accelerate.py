@@ -20,22 +20,19 @@ from .distributed import (
     rebuild_ddp_reducer,
 )
 from .freezing import FreezeResult, freeze_parameters, frozen_param_groups
+from .options import FreezeOptions
 from .schedule import (
     freeze_fraction,
     num_units_for_budget,
     num_units_to_freeze,
-    validate_choice,
     validate_freeze_level,
     validate_freeze_start,
 )
-from .units import GRANULARITIES, FreezableUnit, UnitProfile, freezable_units, profile_units, unwrap_model
+from .units import FreezableUnit, UnitProfile, freezable_units, profile_units, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUDGETS", "LayerFreezer", "ORDERS"]
-
-ORDERS = ("definition", "execution")
-BUDGETS = ("units", "params", "flops")
+__all__ = ["LayerFreezer"]
 
 
 def _stay_in_eval(module: nn.Module, args: tuple) -> None:
@@ -68,10 +65,6 @@ def resolve_max_freeze_events(model: nn.Module, max_freeze_events: int | None) -
     evaluation graph once; past `torch._dynamo.config.recompile_limit` Dynamo silently runs eager. So a compiled
     model gets `(recompile_limit - 2) // 2` events by default, and a warning if a given bound would exceed it.
     """
-    if max_freeze_events is not None and (
-        isinstance(max_freeze_events, bool) or not isinstance(max_freeze_events, int) or max_freeze_events < 1
-    ):
-        raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {max_freeze_events!r}")
     if not is_compiled(model):
         return max_freeze_events
     limit = int(torch._dynamo.config.recompile_limit)
@@ -171,12 +164,9 @@ class LayerFreezer:
     ) -> None:
         self.freeze_start = validate_freeze_start(freeze_start)
         self.freeze_level = validate_freeze_level(freeze_level)
-        self.order = validate_choice("order", order, ORDERS)
-        self.granularity = validate_choice("granularity", granularity, GRANULARITIES)
-        self.budget = validate_choice("budget", budget, BUDGETS)
-        if not isinstance(freeze_batchnorm, bool):
-            raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
-        self.freeze_batchnorm = freeze_batchnorm
+        options = FreezeOptions(order, granularity, budget, freeze_batchnorm, max_freeze_events)
+        self.order, self.granularity, self.budget = options.order, options.granularity, options.budget
+        self.freeze_batchnorm = options.freeze_batchnorm
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.max_freeze_events = resolve_max_freeze_events(model, max_freeze_events)

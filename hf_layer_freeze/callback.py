@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -12,9 +13,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from .accelerate import BUDGETS, ORDERS, LayerFreezer
-from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
-from .units import GRANULARITIES
+from .accelerate import LayerFreezer
+from .options import FreezeOptions
+from .schedule import validate_freeze_level, validate_freeze_start
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +86,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if freeze_every not in FREEZE_EVERY_CHOICES:
             raise ValueError(f"freeze_every must be one of {FREEZE_EVERY_CHOICES}, got {freeze_every!r}")
         self.freeze_every = freeze_every
-        self.order = validate_choice("order", order, ORDERS)
-        self.granularity = validate_choice("granularity", granularity, GRANULARITIES)
-        self.budget = validate_choice("budget", budget, BUDGETS)
-        if not isinstance(freeze_batchnorm, bool):
-            raise ValueError(f"freeze_batchnorm must be True or False, got {freeze_batchnorm!r}")
-        self.freeze_batchnorm = freeze_batchnorm
-        if max_freeze_events is not None and (
-            isinstance(max_freeze_events, bool) or not isinstance(max_freeze_events, int) or max_freeze_events < 1
-        ):
-            raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {max_freeze_events!r}")
-        self.max_freeze_events = max_freeze_events
+        self.options = FreezeOptions(order, granularity, budget, freeze_batchnorm, max_freeze_events)
         self.freezer: LayerFreezer | None = None
         self._frozen_units = 0
 
@@ -106,11 +97,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
                 "freeze_start": self.freeze_start,
                 "freeze_level": self.freeze_level,
                 "freeze_every": self.freeze_every,
-                "order": self.order,
-                "granularity": self.granularity,
-                "budget": self.budget,
-                "freeze_batchnorm": self.freeze_batchnorm,
-                "max_freeze_events": self.max_freeze_events,
+                **asdict(self.options),
             },
             "attributes": {"frozen_units": self.frozen_units},
         }
@@ -135,11 +122,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             optimizer,
             self.freeze_start,
             self.freeze_level,
-            order=self.order,
-            granularity=self.granularity,
-            budget=self.budget,
-            freeze_batchnorm=self.freeze_batchnorm,
-            max_freeze_events=self.max_freeze_events,
+            **asdict(self.options),
         )
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self.freezer.freeze_units(self._units_at_resume(state))
@@ -198,7 +181,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """How many units were frozen at the step training (re)starts from."""
         if state.global_step == 0:
             return 0
-        if self.budget == "flops" and not self.freezer.profiled:
+        if self.options.budget == "flops" and not self.freezer.profiled:
             from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
         else:
             from_schedule = self.freezer.num_units_at(self._progress(state))

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .accelerate import BUDGETS, ORDERS, LayerFreezer
-from .units import GRANULARITIES
+from .accelerate import LayerFreezer
+from .options import BUDGETS, GRANULARITIES, ORDERS
 
 __all__ = ["PlanRow", "freeze_plan", "main"]
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .options import GRANULARITIES
+from .schedule import validate_choice
+
 __all__ = [
-    "GRANULARITIES",
     "FreezableUnit",
     "UnitProfile",
     "classifier_modules",
@@ -22,8 +24,6 @@ __all__ = [
     "profile_units",
     "unwrap_model",
 ]
-
-GRANULARITIES = ("module", "block")
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,8 +194,7 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    validate_choice("granularity", granularity, GRANULARITIES)
     model = unwrap_model(model)
     heads = classifier_modules(model)
     head_param_ids = {id(p) for head in heads for p in head.parameters()}
