@@ -69,6 +69,7 @@ ACCELERATE_CASES = {
     "static_graph": ["--static-graph"],
     "grad_accumulation": ["--grad-accum", "2"],
     "bf16": ["--mixed-precision", "bf16"],
+    "freeze_batchnorm": ["--freeze-batchnorm"],
 }
 
 
@@ -86,6 +87,11 @@ def test_accelerate_ddp_stays_correct_and_all_reduces_only_trainable_parameters(
             assert record["allreduced"] == record["trainable"], record
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["records"][-1]["allreduced"] < ranks[0]["records"][0]["allreduced"] / 10
+    if case == "freeze_batchnorm":
+        # frozen BatchNorm statistics: unchanged since the freeze on rank 0, whose buffers DDP broadcasts each
+        # forward, and identical on both ranks
+        assert ranks[0]["frozen_batchnorm_buffers"] > 0 and ranks[0]["frozen_batchnorm_buffers_unchanged"]
+        assert ranks[0]["frozen_batchnorm_digest"] == ranks[1]["frozen_batchnorm_digest"]
 
 
 TRAINER_CASES = {

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import CountingState, counting_allreduce_hook, params_digest  # noqa: E402
+from common import CountingState, counting_allreduce_hook, params_digest, tensors_digest  # noqa: E402
 
 from hf_layer_freeze import LayerFreezer  # noqa: E402
 
@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--freeze-level", type=float, default=1.0)
     parser.add_argument("--no-comm-hook", action="store_true")
+    parser.add_argument("--freeze-batchnorm", action="store_true")
     args = parser.parse_args()
 
     ddp_kwargs = DistributedDataParallelKwargs(
@@ -52,12 +53,16 @@ def main() -> int:
     state = CountingState()
     if not args.no_comm_hook:
         model.register_comm_hook(state, counting_allreduce_hook)
-    freezer = LayerFreezer(model, optimizer, freeze_start=0.2, freeze_level=args.freeze_level)
+    freezer = LayerFreezer(
+        model, optimizer, freeze_start=0.2, freeze_level=args.freeze_level, freeze_batchnorm=args.freeze_batchnorm
+    )
 
     generator = torch.Generator().manual_seed(100 + accelerator.process_index)  # different data per rank
     world = accelerator.num_processes
     records = []
     frozen_snapshots: dict[str, torch.Tensor] = {}
+    frozen_bn_buffers: dict[str, torch.Tensor] = {}
+    buffers_unchanged = True
     names = {id(p): n for n, p in model.module.named_parameters()}
     all_identical = True
     frozen_unchanged = True
@@ -78,6 +83,10 @@ def main() -> int:
         all_identical &= identical
         for name, before in frozen_snapshots.items():
             frozen_unchanged &= torch.equal(before, dict(model.module.named_parameters())[name].detach())
+        for name, before in frozen_bn_buffers.items():
+            buffers_unchanged &= torch.equal(before, dict(model.module.named_buffers())[name])
+        # after this step's forward (which synced buffers from rank 0), before any new freeze
+        bn_digest = tensors_digest(dict(model.module.named_buffers())[name] for name in sorted(frozen_bn_buffers))
         records.append(
             {
                 "step": step,
@@ -92,6 +101,9 @@ def main() -> int:
         for unit in freezer.units[: result.frozen_units]:
             for param in unit.parameters:
                 frozen_snapshots.setdefault(names[id(param)], param.detach().clone())
+            if isinstance(unit.module, torch.nn.BatchNorm2d):
+                for buffer_name, buffer in unit.module.named_buffers():
+                    frozen_bn_buffers.setdefault(f"{unit.name}.{buffer_name}", buffer.clone())
 
     out = {
         "rank": accelerator.process_index,
@@ -99,6 +111,10 @@ def main() -> int:
         "records": records,
         "all_identical": all_identical,
         "frozen_unchanged": frozen_unchanged,
+        "frozen_batchnorm_buffers": len(frozen_bn_buffers),
+        # DDP broadcasts rank 0's buffers at each forward, so only rank 0's stay exactly as they were at the freeze
+        "frozen_batchnorm_buffers_unchanged": buffers_unchanged,
+        "frozen_batchnorm_digest": bn_digest,
         "num_units": freezer.num_units,
         "final_frozen_units": freezer.frozen_units,
         "digest": params_digest(model),
