@@ -20,6 +20,8 @@ from torchvision.transforms import v2 as T
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target")
 MATERIALIZE_MAX_IMAGES = 20_000
+datasets.disable_progress_bars()  # the examples draw their own progress bars
+
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "accuracy")
 
 
