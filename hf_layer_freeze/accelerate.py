@@ -343,19 +343,14 @@ class LayerFreezer:
             `FreezeResult`: what is frozen now.
         """
         fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
-        if not self.profiled:
-            # Only a resume re-applies a freeze before any forward: it waits for the first one.
-            if self.budget == "flops":
-                raise RuntimeError(
-                    "budget='flops' cannot count units before the first forward pass; call "
-                    "freezer.profile_with(batch) before resuming"
-                )
-            self._pending_count = max(self._pending_count or 0, self.num_units_at(progress))
-            self.fraction = max(self.fraction, fraction)
-            return self.result()
-        result = self.freeze_units(self.num_units_at(progress))
+        if self.budget == "flops" and not self.profiled:
+            raise RuntimeError(
+                "budget='flops' cannot count units before the first forward pass; call "
+                "freezer.profile_with(batch) before resuming"
+            )
         self.fraction = max(self.fraction, fraction)
-        return FreezeResult(**{**result.__dict__, "fraction": self.fraction})
+        # With order="execution" before the first forward, freeze_units records the count and applies it there.
+        return self.freeze_units(self.num_units_at(progress))
 
     def freeze_units(self, count: int) -> FreezeResult:
         """
