@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from .accelerate import LayerFreezer
+from importlib.metadata import PackageNotFoundError, version
+
 from .callback import LayerFreezingCallback
-from .freezing import FreezeResult, FrozenParamGroups, frozen_param_groups
+from .freezer import FreezeResult, LayerFreezer
 from .options import FreezeOptions
+from .param_groups import frozen_param_groups
 from .schedule import freeze_fraction, num_units_to_freeze
 from .units import FreezableUnit, freezable_units
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("hf_layer_freeze")  # the one version, in pyproject.toml
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "FreezableUnit",
     "FreezeOptions",
     "FreezeResult",
-    "FrozenParamGroups",
     "LayerFreezer",
     "LayerFreezingCallback",
     "__version__",

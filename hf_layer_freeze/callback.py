@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -13,9 +12,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from .accelerate import LayerFreezer
+from .freezer import LayerFreezer
 from .options import FreezeOptions
-from .schedule import validate_freeze_level, validate_freeze_start
+from .schedule import validate_choice
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +80,34 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         freeze_batchnorm: bool = False,
         max_freeze_events: int | None = None,
     ) -> None:
-        self.freeze_start = validate_freeze_start(freeze_start)
-        self.freeze_level = validate_freeze_level(freeze_level)
-        if freeze_every not in FREEZE_EVERY_CHOICES:
-            raise ValueError(f"freeze_every must be one of {FREEZE_EVERY_CHOICES}, got {freeze_every!r}")
-        self.freeze_every = freeze_every
-        self.options = FreezeOptions(order, granularity, budget, freeze_batchnorm, max_freeze_events)
+        self.options = FreezeOptions(
+            freeze_start=freeze_start,
+            freeze_level=freeze_level,
+            order=order,
+            granularity=granularity,
+            budget=budget,
+            freeze_batchnorm=freeze_batchnorm,
+            max_freeze_events=max_freeze_events,
+        )
+        self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
         self.freezer: LayerFreezer | None = None
-        self._frozen_units = 0
+        # The count a checkpoint recorded, set by the Trainer when `restore_callback_states_from_checkpoint=True`
+        # rebuilds this callback from the checkpoint's state; otherwise read from `state.stateful_callbacks`.
+        self.saved_frozen_units: int | None = None
+
+    @property
+    def freeze_start(self) -> float:
+        return self.options.freeze_start
+
+    @property
+    def freeze_level(self) -> float:
+        return self.options.freeze_level
 
     # ExportableState: saved into trainer_state.json with each checkpoint.
     def state(self) -> dict[str, Any]:
         return {
-            "args": {
-                "freeze_start": self.freeze_start,
-                "freeze_level": self.freeze_level,
-                "freeze_every": self.freeze_every,
-                **asdict(self.options),
-            },
-            "attributes": {"frozen_units": self.frozen_units},
+            "args": {**self.options.to_dict(), "freeze_every": self.freeze_every},
+            "attributes": {"saved_frozen_units": self.frozen_units},
         }
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -117,15 +125,13 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
-        self.freezer = LayerFreezer(
-            model,
-            optimizer,
-            self.freeze_start,
-            self.freeze_level,
-            **asdict(self.options),
-        )
+        self.freezer = LayerFreezer(model, optimizer, **self.options.to_dict())
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self.freezer.freeze_units(self._units_at_resume(state))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.freezer is not None:
+            self.freezer.close()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.freeze_every == "step":
@@ -145,13 +151,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     @property
     def frozen_units(self) -> int:
         """Units frozen so far, counting a freeze that waits for the first forward pass (what a checkpoint keeps)."""
-        if self.freezer is not None:
-            return self.freezer.state_dict()["frozen_units"]
-        return self._frozen_units
-
-    @frozen_units.setter
-    def frozen_units(self, value: int) -> None:  # restore_callback_states_from_checkpoint sets it
-        self._frozen_units = int(value)
+        return 0 if self.freezer is None else self.freezer.state_dict()["frozen_units"]
 
     def metrics(self) -> dict[str, float]:
         """The values this callback logs, under the `layer_freeze/` namespace."""
@@ -185,13 +185,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
         else:
             from_schedule = self.freezer.num_units_at(self._progress(state))
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
-        if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
-            saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
-        if not saved or "frozen_units" not in saved.get("attributes", {}):
+        units = self.saved_frozen_units if self.saved_frozen_units is not None else self._saved_count(state)
+        if units is None:
             # A checkpoint saved without this callback: the schedule is the best guess.
             return from_schedule
-        units = int(saved["attributes"]["frozen_units"])
         if self.freeze_every == "step":
             return max(units, from_schedule)
         # A checkpoint saved at an epoch's last step may precede that epoch's on_epoch_end; resumption will not
@@ -199,26 +196,51 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
         return max(units, from_schedule) if at_epoch_end else units
 
+    def _saved_count(self, state: TrainerState) -> int | None:
+        """The frozen-unit count this callback saved in the checkpoint's `trainer_state.json`, if any."""
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
+        if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
+            saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
+        if not saved:
+            return None
+        count = saved.get("attributes", {}).get("saved_frozen_units")
+        return None if count is None else int(count)
+
     def _run_before_other_callbacks(self) -> None:
         """
         Move this callback to the front of the Trainer's callback list, so that reporting integrations
         (TensorBoard, W&B, ...), which the Trainer puts before user callbacks, see the `layer_freeze/` metrics
-        this callback adds to each log. The handler is the caller of this event.
+        this callback adds to each log.
         """
-        frame = inspect.currentframe()
-        try:
-            for _ in range(4):
-                frame = frame.f_back if frame is not None else None
-                handler = frame.f_locals.get("self") if frame is not None else None
-                if isinstance(handler, CallbackHandler):
-                    if handler.callbacks and handler.callbacks[0] is not self and self in handler.callbacks:
-                        # A new list: the handler is iterating over the old one right now.
-                        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
-                    return
-        finally:
-            del frame
-        warnings.warn(
-            "LayerFreezingCallback could not find the Trainer's callback handler; reporting callbacks listed "
-            "before it will not see the layer_freeze/ metrics.",
-            stacklevel=2,
-        )
+        handler = _calling_callback_handler(self)
+        if handler is None:
+            warnings.warn(
+                "LayerFreezingCallback could not find the Trainer's callback handler; reporting callbacks listed "
+                "before it will not see the layer_freeze/ metrics.",
+                stacklevel=2,
+            )
+        elif handler.callbacks[0] is not self:
+            # A new list: the handler is iterating over the old one right now.
+            handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+
+
+def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 4) -> CallbackHandler | None:
+    """
+    The Trainer's `CallbackHandler` that is calling an event of `callback` right now, found among the callers'
+    frames (the handler's `call_event` is one of them), or `None`.
+
+    The Trainer hands callbacks no public route to its handler, so this is the one place that looks at frames;
+    `tests/test_callback.py` fails loudly if a transformers release changes how events are called.
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth + 1):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(cb is callback for cb in handler.callbacks):
+                return handler
+        return None
+    finally:
+        del frame

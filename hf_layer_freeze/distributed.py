@@ -6,7 +6,9 @@ at wrap time. After a freeze the reducer still waits for gradients that never co
 silently) and the next forward fails; with `find_unused_parameters=True` training is right but frozen
 parameters are still all-reduced as zeros. `rebuild_ddp_reducer` rebuilds the reducer of the *same* DDP object
 in place, exactly as DDP's own `__setstate__` does, so only trainable parameters are bucketed. It relies on DDP
-internals: `check_ddp_internals` fails loudly when the installed torch lacks one of them.
+internals, all named here: `check_ddp_internals` fails loudly when the installed torch lacks one of them.
+DeepSpeed and FSDP are handled here too: FSDP needs nothing (frozen parameters simply produce no gradient), the
+setups that cannot work are refused.
 """
 
 from __future__ import annotations
@@ -18,27 +20,39 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .wrappers import find_ddp_wrapper, unwrap_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "check_supported_wrapping",
+    "DDPReducerSync",
     "check_ddp_internals",
-    "find_ddp_wrapper",
+    "check_supported_wrapping",
     "is_distributed",
     "is_fsdp_managed",
     "rebuild_ddp_reducer",
 ]
 
-_DDP_INTERNALS = (
+# Every private attribute of torch's DDP that this module touches, checked before it is used (see
+# `check_ddp_internals`): on the class and the c10d types when the freezer is built, on the wrapper when it is known.
+_DDP_CLASS_INTERNALS = (
     "_build_params_for_reducer",
     "_build_debug_param_to_name_mapping",
     "_ddp_init_helper",
+    "_get_active_ddp_module",
+)
+_REDUCER_INTERNALS = ("_remove_autograd_hooks", "_set_static_graph", "prepare_for_forward")
+_LOGGER_INTERNALS = ("_set_comm_hook_name", "_set_static_graph")
+_DIST_INTERNALS = ("_register_comm_hook",)
+_DDP_INSTANCE_INTERNALS = (
     "_comm_hooks",
     "reducer",
     "logger",
     "static_graph",
-    "_get_active_ddp_module",
+    "require_backward_grad_sync",
+    "_has_rebuilt_buckets",  # written by the rebuild
 )
+_STATIC_GRAPH_INTERNALS = ("_static_graph_delay_allreduce_enqueued",)  # written by the rebuild with static_graph
 
 
 def is_distributed() -> bool:
@@ -46,38 +60,33 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def find_ddp_wrapper(model: nn.Module) -> DistributedDataParallel | None:
-    """The DDP wrapper at the top of `model`'s wrapper chain (through `torch.compile`), or `None`."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            return model
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
+def _missing_internals(ddp: DistributedDataParallel | None = None) -> list[str]:
+    from torch._C._distributed_c10d import Logger, Reducer
+
+    missing = [f"DistributedDataParallel.{n}" for n in _DDP_CLASS_INTERNALS if not hasattr(DistributedDataParallel, n)]
+    missing += [f"Reducer.{n}" for n in _REDUCER_INTERNALS if not hasattr(Reducer, n)]
+    missing += [f"Logger.{n}" for n in _LOGGER_INTERNALS if not hasattr(Logger, n)]
+    missing += [f"torch.distributed.{n}" for n in _DIST_INTERNALS if not hasattr(dist, n)]
+    if ddp is not None:
+        names = _DDP_INSTANCE_INTERNALS + (_STATIC_GRAPH_INTERNALS if getattr(ddp, "static_graph", False) else ())
+        missing += [f"DistributedDataParallel().{n}" for n in names if not hasattr(ddp, n)]
+    return missing
 
 
-def active_ddp_module() -> DistributedDataParallel | None:
-    """The DDP module whose forward is running now, as DDP itself records it for TorchDynamo."""
-    getter = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
-    if getter is None:
-        raise RuntimeError(
-            f"torch {torch.__version__} has no DistributedDataParallel._get_active_ddp_module; hf_layer_freeze "
-            "cannot find the DDP wrapper by itself. Pass it explicitly (LayerFreezer(ddp_model, ...) or "
-            "LayerFreezingCallback.set_ddp_model(trainer.model_wrapped)) or pin a tested torch version."
-        )
-    return getter()
-
-
-def check_ddp_internals(ddp: DistributedDataParallel) -> None:
-    """Raise `RuntimeError` if this torch's DDP lacks an internal that `rebuild_ddp_reducer` uses."""
-    missing = [name for name in _DDP_INTERNALS if not hasattr(ddp, name)]
+def check_ddp_internals(ddp: DistributedDataParallel | None = None) -> None:
+    """
+    Raise `RuntimeError` if this torch lacks a DDP internal that the reducer rebuild uses, and
+    `NotImplementedError` for the DDP options freezing does not support. Without `ddp`, only the class-level
+    internals are checked (the wrapper is not known yet).
+    """
+    missing = _missing_internals(ddp)
     if missing:
         raise RuntimeError(
-            f"torch {torch.__version__}'s DistributedDataParallel lacks {', '.join(missing)}, which hf_layer_freeze "
-            "needs to rebuild DDP's gradient buckets after a freeze. Install a tested torch (see constraints.txt) "
-            "or report this version."
+            f"torch {torch.__version__} lacks {', '.join(missing)}, which hf_layer_freeze needs to rebuild DDP's "
+            "gradient buckets after a freeze. Install a tested torch (see constraints.txt) or report this version."
         )
+    if ddp is None:
+        return
     if getattr(ddp, "_use_python_reducer", False):
         raise NotImplementedError(
             "Layer freezing does not support DDP's python reducer (compiled DDP, "
@@ -95,17 +104,21 @@ def check_ddp_internals(ddp: DistributedDataParallel) -> None:
         )
 
 
-def rebuild_ddp_reducer(ddp: DistributedDataParallel) -> int:
+def active_ddp_module() -> DistributedDataParallel | None:
+    """The DDP module whose forward is running now, as DDP itself records it for TorchDynamo."""
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def rebuild_ddp_reducer(ddp: DistributedDataParallel) -> None:
     """
     Rebuild `ddp`'s reducer in place so that it buckets exactly the parameters that still require gradients.
 
     Call it between iterations (after the optimizer step, before the next forward), on every rank at the same
     step. Communication hooks registered with `register_comm_hook` are registered again on the new reducer, and
-    `static_graph` is kept. Returns the number of parameter elements the new reducer all-reduces.
+    `static_graph` is kept. This is what DDP's own `__setstate__` does to build a reducer.
     """
     check_ddp_internals(ddp)
-    old_reducer = ddp.reducer
-    old_reducer._remove_autograd_hooks()
+    ddp.reducer._remove_autograd_hooks()
     parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
     if not parameters:
         raise ValueError("After this freeze no DDP parameter requires a gradient; keep at least one trainable.")
@@ -119,9 +132,80 @@ def rebuild_ddp_reducer(ddp: DistributedDataParallel) -> int:
         ddp.logger._set_static_graph()
         ddp._static_graph_delay_allreduce_enqueued = False
     ddp._has_rebuilt_buckets = False
-    numel = sum(p.numel() for p in parameters)
-    logger.debug("Rebuilt DDP reducer for %d parameters (%d elements).", len(parameters), numel)
-    return numel
+    logger.debug("Rebuilt DDP reducer for %d parameters.", len(parameters))
+
+
+class DDPReducerSync:
+    """
+    Keeps the reducer of a model's DDP wrapper matched to the parameters that still train.
+
+    The wrapper is found in `model`'s wrapper chain, handed over with `set_ddp_model`, or, when the model is bare
+    but runs under torch.distributed (a Trainer callback only ever gets the bare model), discovered during the first
+    training forward from what DDP itself records for TorchDynamo. After `parameters_changed()` the reducer is
+    rebuilt at once if the wrapper is known, else as soon as it is.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, bare or wrapped.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._bare_model = unwrap_model(model)
+        self.ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
+        self._needs_rebuild = False
+        self._discovery_hook: torch.utils.hooks.RemovableHandle | None = None
+        if self.ddp is not None:
+            check_ddp_internals(self.ddp)  # fail now, not at the first freeze hours into training
+        elif is_distributed() and not is_fsdp_managed(model):
+            check_ddp_internals()
+            self._discovery_hook = self._bare_model.register_forward_pre_hook(self._discover)
+
+    def set_ddp_model(self, ddp_model: DistributedDataParallel) -> None:
+        """Use `ddp_model`, which wraps the model; a freeze that happened before it was known is applied now."""
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise ValueError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
+        if unwrap_model(ddp_model) is not self._bare_model:
+            raise ValueError("ddp_model does not wrap the model this LayerFreezer freezes")
+        check_ddp_internals(ddp_model)
+        self.ddp = ddp_model
+        self.close()
+        self.sync()
+
+    def parameters_changed(self) -> None:
+        """Parameters stopped (or started) requiring gradients: rebuild the reducer, now or once it is known."""
+        self._needs_rebuild = True
+        self.sync()
+
+    def sync(self) -> None:
+        """Rebuild the reducer if a change is pending and the wrapper is known."""
+        if self.ddp is None or not self._needs_rebuild:
+            return
+        rebuild_ddp_reducer(self.ddp)
+        self._needs_rebuild = False
+        # Inside DDP's forward (a freeze made by a forward pre-hook), DDP prepared its old reducer for this pass:
+        # prepare the new one.
+        if active_ddp_module() is self.ddp and self.ddp.require_backward_grad_sync:
+            self.ddp.reducer.prepare_for_forward()
+
+    def close(self) -> None:
+        """Remove the discovery hook, if any."""
+        if self._discovery_hook is not None:
+            self._discovery_hook.remove()
+            self._discovery_hook = None
+
+    def _discover(self, module: nn.Module, args: tuple) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            return  # evaluation forwards may run outside DDP
+        ddp = active_ddp_module()
+        if ddp is None or unwrap_model(ddp) is not module:
+            raise RuntimeError(
+                "LayerFreezer runs under torch.distributed, but the model's training forward is not running inside "
+                "a DistributedDataParallel wrapper it can see. Without rebuilding DDP's gradient buckets after each "
+                "freeze, ranks would silently diverge. Pass the wrapped model (LayerFreezer(accelerator.prepare("
+                "model), ...)), or hand the wrapper over with `freezer.set_ddp_model(ddp_model)` (Trainer: "
+                "`callback.freezer.set_ddp_model(trainer.model_wrapped)`)."
+            )
+        self.set_ddp_model(ddp)
 
 
 def is_fsdp_managed(module: nn.Module) -> bool:

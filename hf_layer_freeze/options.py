@@ -1,4 +1,4 @@
-"""The freezer's options beyond the schedule, validated once for `LayerFreezer` and `LayerFreezingCallback`.
+"""The freezer's configuration, validated in one place for `LayerFreezer` and `LayerFreezingCallback`.
 
 Pure Python (no torch), and JSON-safe values only, so the callback can be saved and restored with the Trainer's
 `ExportableState` mechanism.
@@ -6,9 +6,10 @@ Pure Python (no torch), and JSON-safe values only, so the callback can be saved 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from .schedule import validate_choice
+from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
 
 __all__ = ["BUDGETS", "GRANULARITIES", "ORDERS", "FreezeOptions"]
 
@@ -17,14 +18,30 @@ GRANULARITIES = ("module", "block")
 BUDGETS = ("units", "params", "flops")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FreezeOptions:
     """
-    How units are chosen and frozen; the defaults are the method card's. See `LayerFreezer` for each option.
+    The schedule and how units are chosen and frozen; the defaults are the method card's. See `LayerFreezer` for
+    each option.
 
     Raises `ValueError` naming the option, the allowed values and the value received.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze import FreezeOptions
+    >>> FreezeOptions(freeze_start=0.2, budget="flops").freeze_level
+    1.0
+    >>> FreezeOptions(order="random")
+    Traceback (most recent call last):
+    ...
+    ValueError: order must be one of ('definition', 'execution'), got 'random'
+
+    ```
     """
 
+    freeze_start: float = 0.5
+    freeze_level: float = 1.0
     order: str = "definition"
     granularity: str = "module"
     budget: str = "units"
@@ -32,6 +49,9 @@ class FreezeOptions:
     max_freeze_events: int | None = None
 
     def __post_init__(self) -> None:
+        # frozen dataclass: normalize ints to floats through object.__setattr__
+        object.__setattr__(self, "freeze_start", validate_freeze_start(self.freeze_start))
+        object.__setattr__(self, "freeze_level", validate_freeze_level(self.freeze_level))
         validate_choice("order", self.order, ORDERS)
         validate_choice("granularity", self.granularity, GRANULARITIES)
         validate_choice("budget", self.budget, BUDGETS)
@@ -40,3 +60,7 @@ class FreezeOptions:
         events = self.max_freeze_events
         if events is not None and (isinstance(events, bool) or not isinstance(events, int) or events < 1):
             raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {events!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-safe keyword arguments."""
+        return asdict(self)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .accelerate import LayerFreezer
+from .freezer import LayerFreezer
 from .options import BUDGETS, GRANULARITIES, ORDERS
 
 __all__ = ["PlanRow", "freeze_plan", "main"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "bounded_unit_count",
     "freeze_fraction",
     "num_units_for_budget",
     "num_units_to_freeze",
@@ -138,3 +139,23 @@ def num_units_for_budget(fraction: float, weights: list[int] | tuple[int, ...]) 
             break
         count += 1
     return count
+
+
+def bounded_unit_count(count: int, final_count: int, max_freeze_events: int | None) -> int:
+    """
+    `count` rounded down to one of `max_freeze_events` evenly spaced levels of `final_count`, so that a run makes at
+    most that many distinct freeze events (each one recompiles a compiled model). `None` leaves `count` unchanged.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import bounded_unit_count
+    >>> [bounded_unit_count(k, 28, 3) for k in (0, 8, 9, 17, 18, 27, 28)]  # levels 9, 18, 28
+    [0, 0, 9, 9, 18, 18, 28]
+
+    ```
+    """
+    if max_freeze_events is None:
+        return count
+    levels = [final_count * i // max_freeze_events for i in range(1, max_freeze_events + 1)]
+    return max((level for level in levels if level <= count), default=0)

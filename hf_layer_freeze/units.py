@@ -10,20 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .options import GRANULARITIES
 from .schedule import validate_choice
+from .wrappers import unwrap_model
 
-__all__ = [
-    "FreezableUnit",
-    "UnitProfile",
-    "classifier_modules",
-    "freezable_units",
-    "profile_units",
-    "unwrap_model",
-]
+__all__ = ["FreezableUnit", "classifier_modules", "freezable_units"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,25 +53,6 @@ class FreezableUnit:
             owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             owners.setdefault(id(owner), owner)
         return list(owners.values())
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """
-    Strip the wrappers that training frameworks put around a model: DDP, `DataParallel`, FSDP1, `torch.compile`.
-
-    Parameters are shared with the wrapper, so freezing through the unwrapped model freezes the wrapped one.
-    """
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch built without distributed
-        FullyShardedDataParallel = nn.parallel.DistributedDataParallel  # noqa: N806
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, FullyShardedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
@@ -221,78 +195,3 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
     if not heads and units:
         units.pop()  # no timm head to name: the last unit stands in for the classifier
     return units
-
-
-@dataclass(frozen=True)
-class UnitProfile:
-    """
-    What one forward pass says about each unit (same order as the units profiled).
-
-    Args:
-        first_use (`tuple[int, ...]`): rank of the unit's first use in the forward pass (its earliest owner module).
-        forward_flops (`tuple[int, ...]`): forward FLOPs attributed to the unit (its modules' own FLOPs, plus those of
-            parameter-free modules, such as an attention's matmuls, given to their first unit).
-    """
-
-    first_use: tuple[int, ...]
-    forward_flops: tuple[int, ...]
-
-
-@torch.no_grad()
-def profile_units(model: nn.Module, units: list[FreezableUnit], *args, **kwargs) -> UnitProfile:
-    """
-    Run one forward of `model(*args, **kwargs)` to record each unit's first use and its forward FLOPs.
-
-    The pass runs in eval mode without gradients (BatchNorm statistics and RNG untouched) and restores the train
-    mode after. The order is that of module calls, so it is the same on every rank for the same model.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = unwrap_model(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    order: dict[int, int] = {}
-
-    def record(module, _args):
-        order.setdefault(id(module), len(order))
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules()]
-    was_training = {id(m): m.training for m in model.modules()}
-    model.eval()
-    counter = FlopCounterMode(display=False, depth=None)
-    try:
-        with counter:
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in model.modules():
-            module.training = was_training[id(module)]
-
-    root = type(model).__name__
-    inclusive = {key: sum(counts.values()) for key, counts in counter.get_flop_counts().items()}
-
-    def flops_of(name: str) -> int:
-        return inclusive.get(f"{root}.{name}" if name else root, 0)
-
-    own = {}
-    for name, module in model.named_modules():
-        children = sum(flops_of(f"{name}.{c}" if name else c) for c, _ in module.named_children())
-        own[name] = max(0, flops_of(name) - children)
-
-    unit_of_module: dict[str, int] = {}
-    for index, unit in enumerate(units):
-        for owner in unit.owner_modules(model):
-            unit_of_module.setdefault(names[id(owner)], index)
-    forward_flops = [0] * len(units)
-    for name, value in own.items():
-        index = unit_of_module.get(name)
-        if index is None:  # a parameter-free module (or the head): give it to its first unit below, if any
-            below = [i for n, i in unit_of_module.items() if n.startswith(f"{name}.") or not name]
-            index = min(below) if below else None
-        if index is not None and value:
-            forward_flops[index] += value
-    first_use = []
-    for unit in units:
-        ranks = [order[id(m)] for m in unit.owner_modules(model) if id(m) in order]
-        first_use.append(min(ranks) if ranks else len(order))
-    return UnitProfile(tuple(first_use), tuple(forward_flops))

@@ -223,12 +223,42 @@ def test_callback_rejects_bad_arguments(kwargs, match):
         LayerFreezingCallback(**kwargs)
 
 
-def test_callback_state_is_json_safe_and_restorable():
+def test_callback_state_is_json_safe_and_restorable_as_the_trainer_restores_it():
     import json
 
-    callback = LayerFreezingCallback(freeze_start=0.3, freeze_level=0.8, freeze_every="step")
-    callback.frozen_units = 5
+    callback = LayerFreezingCallback(freeze_start=0.3, freeze_level=0.8, freeze_every="step", budget="params")
     state = json.loads(json.dumps(callback.state()))
+    # What Trainer._load_callback_state does with restore_callback_states_from_checkpoint=True.
     restored = LayerFreezingCallback(**state["args"])
+    for attribute, value in state["attributes"].items():
+        setattr(restored, attribute, value)
+    assert restored.state() == callback.state()
     assert (restored.freeze_start, restored.freeze_level, restored.freeze_every) == (0.3, 0.8, "step")
-    assert state["attributes"] == {"frozen_units": 5}
+    assert restored.saved_frozen_units == 0
+
+
+def test_resume_with_restore_callback_states_from_checkpoint(tmp_path):
+    overrides = dict(num_train_epochs=4, save_strategy="epoch")
+    Trainer(
+        model=_model(),
+        args=_args(tmp_path / "full", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+    ).train()
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "resumed", restore_callback_states_from_checkpoint=True, **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+    )
+    seen = {}
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.setdefault("units", sum(not p.requires_grad for p in model.parameters()))
+
+    trainer.add_callback(FirstStep())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
+    (restored,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LayerFreezingCallback)]
+    assert restored.saved_frozen_units == 9
+    assert seen["units"] == sum(len(u.parameters) for u in restored.freezer.units[:9])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_timm, train_steps
@@ -216,9 +218,9 @@ def test_fp16_grad_scaler_keeps_working_through_freeze_events():
 
 
 def test_under_distributed_a_bare_model_outside_ddp_fails_loudly(monkeypatch):
-    import hf_layer_freeze.accelerate as helper
+    import hf_layer_freeze.distributed as distributed
 
-    monkeypatch.setattr(helper, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     model = tiny_timm()
     freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
     freezer.update(0.9)
@@ -239,11 +241,69 @@ def test_deepspeed_is_refused_with_the_next_step():
         LayerFreezer(engine, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def test_missing_ddp_internals_fail_loudly():
+def test_missing_ddp_internals_fail_loudly_when_the_freezer_is_built(monkeypatch):
+    import hf_layer_freeze.distributed as distributed
+
+    # A torch that renamed one of the reducer's internals: the freezer refuses at once, naming it and the version.
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "_REDUCER_INTERNALS", (*distributed._REDUCER_INTERNALS, "_renamed_by_torch"))
+    model = tiny_timm()
+    with pytest.raises(RuntimeError, match=re.escape(f"torch {torch.__version__} lacks Reducer._renamed_by_torch")):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_missing_ddp_instance_internals_are_named():
     from hf_layer_freeze.distributed import check_ddp_internals
 
     class NotQuiteDDP:
-        reducer = logger = static_graph = None
+        reducer = logger = None
+        static_graph = True
 
-    with pytest.raises(RuntimeError, match="lacks _build_params_for_reducer.*needs to rebuild DDP's gradient buckets"):
+    with pytest.raises(RuntimeError, match=r"lacks DistributedDataParallel\(\)._comm_hooks, .*_has_rebuilt_buckets"):
         check_ddp_internals(NotQuiteDDP())
+
+
+def test_every_private_ddp_attribute_the_rebuild_touches_is_checked():
+    """distributed.py may touch a private attribute of DDP, its reducer or logger, or torch.distributed only if
+    `check_ddp_internals` checks it: otherwise a torch that renames it fails mid-training instead of at once."""
+    import ast
+    import inspect
+
+    import hf_layer_freeze.distributed as distributed
+
+    checked = set(
+        distributed._DDP_CLASS_INTERNALS
+        + distributed._REDUCER_INTERNALS
+        + distributed._LOGGER_INTERNALS
+        + distributed._DIST_INTERNALS
+        + distributed._DDP_INSTANCE_INTERNALS
+        + distributed._STATIC_GRAPH_INTERNALS
+    )
+    roots = {"ddp", "ddp_model", "dist", "DistributedDataParallel"}
+    touched = set()
+    for node in ast.walk(ast.parse(inspect.getsource(distributed))):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        base = node.value
+        while isinstance(base, ast.Attribute) and base.attr in ("ddp", "reducer", "logger"):
+            base = base.value
+        if isinstance(base, ast.Name) and base.id in roots | {"self"}:
+            if base.id == "self" and not (isinstance(node.value, ast.Attribute) and node.value.attr != "self"):
+                continue  # the sync object's own attributes
+            touched.add(node.attr)
+    assert touched, "the walk found nothing: the test no longer sees distributed.py's code"
+    assert touched <= checked, sorted(touched - checked)
+
+
+def test_the_checked_ddp_internals_exist_in_this_torch(tmp_path):
+    import torch.distributed as dist
+
+    from hf_layer_freeze.distributed import check_ddp_internals
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for static_graph in (False, True):
+            ddp = nn.parallel.DistributedDataParallel(tiny_timm(), static_graph=static_graph)
+            check_ddp_internals(ddp)
+    finally:
+        dist.destroy_process_group()

@@ -3,47 +3,19 @@
 Frozen parameters leave the optimizer's `param_groups` (so the optimizer neither updates nor decays them), but
 their optimizer state stays, as the method card asks. Torch alone cannot save such an optimizer: `state_dict()`
 raises `KeyError` for a parameter that has state but is in no group, and `load_state_dict()` refuses groups of
-another size. `FrozenParamGroups` uses the optimizer's public state-dict hooks to put the frozen parameters back
-in place while torch packs or unpacks the state, so checkpoints always hold the full, standard layout: they load
-into a fresh optimizer and into a frozen one alike.
+another size. `frozen_param_groups(optimizer)` uses the optimizer's public state-dict hooks to put the frozen
+parameters back in place while torch packs or unpacks the state, so checkpoints always hold the full, standard
+layout: they load into a fresh optimizer and into a frozen one alike.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FreezeResult", "FrozenParamGroups", "freeze_parameters", "frozen_param_groups", "unwrap_optimizer"]
-
-
-@dataclass(frozen=True)
-class FreezeResult:
-    """
-    What is frozen after a call to `LayerFreezer.update` / `LayerFreezer.freeze_units`.
-
-    Args:
-        frozen_units (`int`): number of units frozen so far (a prefix of the unit list).
-        total_units (`int`): number of freezable units.
-        frozen_params (`int`): number of parameter elements frozen so far.
-        trainable_params (`int`): number of parameter elements of the model still trainable.
-        fraction (`float`): the freeze fraction the schedule asked for (0 when units were frozen by count).
-        newly_frozen_units (`int`): units frozen by this very call.
-    """
-
-    frozen_units: int
-    total_units: int
-    frozen_params: int
-    trainable_params: int
-    fraction: float
-    newly_frozen_units: int
-
-    @property
-    def changed(self) -> bool:
-        """Whether this call froze anything."""
-        return self.newly_frozen_units > 0
+__all__ = ["freeze_parameters", "frozen_param_groups", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -61,11 +33,12 @@ def freeze_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
         param.grad = None
 
 
-class FrozenParamGroups:
+class _FrozenParamGroups:
     """
     Removes frozen parameters from an optimizer's `param_groups`, keeping their state and a standard `state_dict`.
 
-    One instance serves one optimizer for its whole life (use `frozen_param_groups(optimizer)` to get it): it
+    One instance serves one optimizer for its whole life, which is why it is private: `frozen_param_groups(optimizer)`
+    gets it (a second instance built later would take the already-filtered groups for the full layout). It
     remembers each group's full parameter list, so `state_dict()` packs and `load_state_dict()` unpacks the full
     layout, and the frozen parameters are taken out again right after. Empty groups are kept, since LR schedulers
     index groups by position.
@@ -103,13 +76,15 @@ class FrozenParamGroups:
         """Ids of every parameter the optimizer was built with, frozen or not."""
         return {id(p) for params in self._full_params for p in params}
 
-    def remove(self, parameters: Iterable[torch.Tensor]) -> int:
-        """Take `parameters` out of every param group (by identity); returns how many were in the optimizer."""
-        new_ids = {id(p) for p in parameters} - self.frozen_ids
-        known = self.parameter_ids
-        self.frozen_ids |= new_ids
+    def remove(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Take `parameters` out of every param group (by identity)."""
+        self.frozen_ids |= {id(p) for p in parameters}
         self._apply_removal()
-        return len(new_ids & known)
+
+    def restore(self) -> None:
+        """Put every frozen parameter back in its group, in its original place (the optimizer as it was built)."""
+        self.frozen_ids.clear()
+        self._restore_full_layout()
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         """The parameters the optimizer still updates."""
@@ -148,12 +123,14 @@ class FrozenParamGroups:
         self._apply_removal()
 
 
-_GROUPS_BY_OPTIMIZER: weakref.WeakKeyDictionary[torch.optim.Optimizer, FrozenParamGroups] = weakref.WeakKeyDictionary()
+_GROUPS_BY_OPTIMIZER: weakref.WeakKeyDictionary[torch.optim.Optimizer, _FrozenParamGroups] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def frozen_param_groups(optimizer: torch.optim.Optimizer) -> FrozenParamGroups:
+def frozen_param_groups(optimizer: torch.optim.Optimizer) -> _FrozenParamGroups:
     """
-    The `FrozenParamGroups` of `optimizer`, created on first use.
+    The `_FrozenParamGroups` of `optimizer`, created on first use.
 
     There is exactly one per optimizer, so a second freezer on the same optimizer (a second `trainer.train()`
     call, say) shares the recorded full layout instead of taking an already-filtered one for the full one.
@@ -161,6 +138,6 @@ def frozen_param_groups(optimizer: torch.optim.Optimizer) -> FrozenParamGroups:
     optimizer = unwrap_optimizer(optimizer)
     groups = _GROUPS_BY_OPTIMIZER.get(optimizer)
     if groups is None:
-        groups = FrozenParamGroups(optimizer)
+        groups = _FrozenParamGroups(optimizer)
         _GROUPS_BY_OPTIMIZER[optimizer] = groups
     return groups

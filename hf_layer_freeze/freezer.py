@@ -1,62 +1,56 @@
-"""`LayerFreezer`: the freezing engine, and the helper for custom Accelerate loops."""
+"""`LayerFreezer`: the freezing engine, used by the Trainer callback, custom (Accelerate) loops and `plan`."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import (
-    active_ddp_module,
-    check_ddp_internals,
-    check_supported_wrapping,
-    find_ddp_wrapper,
-    is_distributed,
-    is_fsdp_managed,
-    rebuild_ddp_reducer,
-)
-from .freezing import FreezeResult, freeze_parameters, frozen_param_groups
+from .distributed import DDPReducerSync, check_supported_wrapping
 from .options import FreezeOptions
-from .schedule import (
-    freeze_fraction,
-    num_units_for_budget,
-    num_units_to_freeze,
-    validate_freeze_level,
-    validate_freeze_start,
-)
-from .units import FreezableUnit, UnitProfile, freezable_units, profile_units, unwrap_model
+from .param_groups import freeze_parameters, frozen_param_groups
+from .profiling import UnitProfile, profile_units
+from .schedule import bounded_unit_count, freeze_fraction, num_units_for_budget, num_units_to_freeze
+from .units import FreezableUnit, freezable_units
+from .wrappers import is_compiled, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerFreezer"]
+__all__ = ["FreezeResult", "LayerFreezer"]
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """
+    What is frozen after a call to `LayerFreezer.update` / `LayerFreezer.freeze_units`.
+
+    Args:
+        frozen_units (`int`): number of units frozen so far (a prefix of the unit list).
+        total_units (`int`): number of freezable units.
+        frozen_params (`int`): number of parameter elements frozen so far.
+        fraction (`float`): the freeze fraction the schedule asked for (0 when units were frozen by count).
+        newly_frozen_units (`int`): units frozen by this very call.
+    """
+
+    frozen_units: int
+    total_units: int
+    frozen_params: int
+    fraction: float
+    newly_frozen_units: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether this call froze anything."""
+        return self.newly_frozen_units > 0
 
 
 def _stay_in_eval(module: nn.Module, args: tuple) -> None:
     module.training = False
-
-
-def _prepare_rebuilt_reducer(ddp: DistributedDataParallel) -> None:
-    """After a rebuild inside DDP's forward: DDP prepared its old reducer for this forward, so prepare the new one."""
-    if ddp.require_backward_grad_sync:
-        ddp.reducer.prepare_for_forward()
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether `model`, or a wrapper around it, is compiled with `torch.compile` (or `module.compile()`)."""
-    while True:
-        if getattr(model, "_compiled_call_impl", None) is not None:
-            return True
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            return True
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-            continue
-        return False
 
 
 def resolve_max_freeze_events(model: nn.Module, max_freeze_events: int | None) -> int | None:
@@ -162,21 +156,29 @@ class LayerFreezer:
         freeze_batchnorm: bool = False,
         max_freeze_events: int | None = None,
     ) -> None:
-        self.freeze_start = validate_freeze_start(freeze_start)
-        self.freeze_level = validate_freeze_level(freeze_level)
-        options = FreezeOptions(order, granularity, budget, freeze_batchnorm, max_freeze_events)
+        options = FreezeOptions(
+            freeze_start=freeze_start,
+            freeze_level=freeze_level,
+            order=order,
+            granularity=granularity,
+            budget=budget,
+            freeze_batchnorm=freeze_batchnorm,
+            max_freeze_events=max_freeze_events,
+        )
+        self.options = options
+        self.freeze_start, self.freeze_level = options.freeze_start, options.freeze_level
         self.order, self.granularity, self.budget = options.order, options.granularity, options.budget
         self.freeze_batchnorm = options.freeze_batchnorm
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.max_freeze_events = resolve_max_freeze_events(model, max_freeze_events)
+        self.max_freeze_events = resolve_max_freeze_events(model, options.max_freeze_events)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_supported_wrapping(model, optimizer)
 
         self.model = model
         self.optimizer = optimizer
-        self.units: list[FreezableUnit] = freezable_units(model, granularity)
+        self.units: list[FreezableUnit] = freezable_units(model, options.granularity)
         if not self.units:
             raise ValueError(
                 f"model ({type(unwrap_model(model)).__name__}) has no freezable unit: it needs at least one module "
@@ -189,15 +191,7 @@ class LayerFreezer:
                 "optimizer holds none of the model's parameters: build it from model.parameters() "
                 "(the same model passed to LayerFreezer)"
             )
-        self._ddp: DistributedDataParallel | None = find_ddp_wrapper(model)
-        if self._ddp is not None:
-            check_ddp_internals(self._ddp)  # fail now, not at the first freeze hours into training
-        self._ddp_needs_rebuild = False
-        self._discovery_hook = None
-        if self._ddp is None and is_distributed() and not is_fsdp_managed(model):
-            # Handed the bare model (a Trainer callback only ever gets that): find the DDP wrapper in the first
-            # training forward, from what DDP itself records while its forward runs.
-            self._discovery_hook = unwrap_model(model).register_forward_pre_hook(self._discover_ddp)
+        self._ddp_sync = DDPReducerSync(model)
         self.frozen_units = 0
         self.fraction = 0.0
         self._warned_empty_optimizer = False
@@ -206,7 +200,7 @@ class LayerFreezer:
         self.profile: UnitProfile | None = None
         self._pending_count: int | None = None
         self._profile_hook = None
-        if order == "execution" or budget == "flops":
+        if options.order == "execution" or options.budget == "flops":
             self._profile_hook = unwrap_model(model).register_forward_pre_hook(
                 self._profile_on_first_forward, with_kwargs=True, prepend=True
             )
@@ -224,47 +218,27 @@ class LayerFreezer:
     @property
     def ddp_model(self) -> DistributedDataParallel | None:
         """The DDP wrapper whose reducer is rebuilt after each freeze, if any."""
-        return self._ddp
+        return self._ddp_sync.ddp
 
     def set_ddp_model(self, ddp_model: DistributedDataParallel) -> None:
         """
         Hand over the DDP wrapper of the model (for callers that only hold the unwrapped model, as Trainer
         callbacks do). A freeze that happened before it was known is applied to its reducer now.
         """
-        if not isinstance(ddp_model, DistributedDataParallel):
-            raise ValueError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
-        if unwrap_model(ddp_model) is not unwrap_model(self.model):
-            raise ValueError("ddp_model does not wrap the model this LayerFreezer freezes")
-        check_ddp_internals(ddp_model)
-        self._ddp = ddp_model
-        if self._discovery_hook is not None:
-            self._discovery_hook.remove()
-            self._discovery_hook = None
-        if self._ddp_needs_rebuild:
-            self.sync_ddp()
+        self._ddp_sync.set_ddp_model(ddp_model)
 
-    def _discover_ddp(self, module: nn.Module, args: tuple) -> None:
-        if not (torch.is_grad_enabled() and module.training):
-            return  # evaluation forwards may run outside DDP
-        ddp = active_ddp_module()
-        if ddp is None or unwrap_model(ddp) is not module:
-            raise RuntimeError(
-                "LayerFreezer runs under torch.distributed, but the model's training forward is not running inside "
-                "a DistributedDataParallel wrapper it can see. Without rebuilding DDP's gradient buckets after each "
-                "freeze, ranks would silently diverge. Pass the wrapped model (LayerFreezer(accelerator.prepare("
-                "model), ...)), or hand the wrapper over with `freezer.set_ddp_model(ddp_model)` (Trainer: "
-                "`callback.freezer.set_ddp_model(trainer.model_wrapped)`)."
-            )
-        pending = self._ddp_needs_rebuild
-        self.set_ddp_model(ddp)
-        if pending:
-            _prepare_rebuilt_reducer(ddp)
-
-    def sync_ddp(self) -> None:
-        """Rebuild the DDP reducer now if a freeze happened since the last rebuild (between iterations only)."""
-        if self._ddp is not None and self._ddp_needs_rebuild:
-            rebuild_ddp_reducer(self._ddp)
-            self._ddp_needs_rebuild = False
+    def close(self) -> None:
+        """
+        Remove every hook the freezer put on the model (DDP discovery, first-forward profiling, frozen BatchNorm).
+        What is frozen stays frozen. The Trainer callback calls it at the end of training.
+        """
+        self._ddp_sync.close()
+        if self._profile_hook is not None:
+            self._profile_hook.remove()
+            self._profile_hook = None
+        for handle in self._batchnorm_hooks:
+            handle.remove()
+        self._batchnorm_hooks.clear()
 
     @property
     def profiled(self) -> bool:
@@ -303,10 +277,7 @@ class LayerFreezer:
             self.profile_with(*args, **kwargs)
         if self._pending_count is not None:
             count, self._pending_count = self._pending_count, None
-            rebuild_now = self._ddp is not None and active_ddp_module() is self._ddp
-            self.freeze_units(count)
-            if rebuild_now:
-                _prepare_rebuilt_reducer(self._ddp)
+            self.freeze_units(count)  # inside DDP's forward: the reducer sync prepares the rebuilt reducer
 
     def _unit_weights(self) -> list[int]:
         if self.budget == "params":
@@ -318,10 +289,7 @@ class LayerFreezer:
         count = self._count_for_fraction(freeze_fraction(progress, self.freeze_start, self.freeze_level))
         if self.max_freeze_events is None:
             return count
-        # At most `max_freeze_events` distinct frozen sets: round down to evenly spaced levels of the final count.
-        final = self._count_for_fraction(self.freeze_level)
-        levels = [final * i // self.max_freeze_events for i in range(1, self.max_freeze_events + 1)]
-        return max((level for level in levels if level <= count), default=0)
+        return bounded_unit_count(count, self._count_for_fraction(self.freeze_level), self.max_freeze_events)
 
     def _count_for_fraction(self, fraction: float) -> int:
         if self.budget == "units":
@@ -376,8 +344,7 @@ class LayerFreezer:
                 self._lock_batchnorm_in_eval(newly)
             self.frozen_units = count
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
-            self._ddp_needs_rebuild = True
-            self.sync_ddp()  # without a known wrapper yet, the rebuild waits for the first training forward
+            self._ddp_sync.parameters_changed()  # without a known wrapper yet, waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
 
     def _lock_batchnorm_in_eval(self, units: list[FreezableUnit]) -> None:
@@ -412,13 +379,10 @@ class LayerFreezer:
 
     def result(self, newly_frozen_units: int = 0) -> FreezeResult:
         """What is frozen now, as a `FreezeResult`."""
-        frozen_params = sum(unit.numel for unit in self.units[: self.frozen_units])
-        trainable = sum(p.numel() for p in unwrap_model(self.model).parameters() if p.requires_grad)
         return FreezeResult(
             frozen_units=self.frozen_units,
             total_units=self.num_units,
-            frozen_params=frozen_params,
-            trainable_params=trainable,
+            frozen_params=sum(unit.numel for unit in self.units[: self.frozen_units]),
             fraction=self.fraction,
             newly_frozen_units=newly_frozen_units,
         )
