@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 # One process using every core (accelerate launch would otherwise pin CPU runs to one thread).
 LAUNCH := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-fast demo lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
+
+# The inner loop: everything but the 2-process runs and the tests marked slow (under a minute on 2 cores).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch $(LAUNCH) examples/train_timm.py

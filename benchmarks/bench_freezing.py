@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_layer_freeze import LayerFreezer, freezable_units, num_units_to_freeze
+from hf_layer_freeze.profiling import profile_units
 
 MODELS = {
     "resnet18": {},
@@ -78,28 +79,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_flops(config: Config, x, y) -> tuple[int, dict[str, int]]:
-    counter = FlopCounterMode(display=False, depth=None)
+def step_flops(config: Config, x, y) -> int:
+    counter = FlopCounterMode(display=False)
     with counter:
         config.step(x, y)
-    per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
-    return counter.get_total_flops(), per_module
-
-
-def forward_flops_by_unit(model: torch.nn.Module, x) -> list[int]:
-    """Forward FLOPs of each freezable unit's own module (leaf modules; a root unit's FLOPs are its own ops)."""
-    units = freezable_units(model)
-    counter = FlopCounterMode(display=False, depth=None)
-    with torch.no_grad(), counter:
-        model(x)
-    counts = {name: sum(c.values()) for name, c in counter.get_flop_counts().items()}
-    flops = []
-    for unit in units:
-        has_children = any(True for _ in unit.module.children())
-        qualified = f"{type(model).__name__}.{unit.name}" if unit.name else type(model).__name__
-        key = next((k for k in counts if k == qualified or k.endswith("." + unit.name)), None) if unit.name else None
-        flops.append(0 if has_children or key is None else counts[key])
-    return flops
+    return counter.get_total_flops()
 
 
 def saved_bytes(config: Config, x, y) -> int:
@@ -140,14 +124,11 @@ def bench_model(name: str, args) -> dict:
     y = torch.randint(0, 100, (args.batch_size,), device=args.device)
     configs = [Config(base, f, args) for f in args.fractions]
     units = configs[0].freezer.units
-    unit_fwd = forward_flops_by_unit(copy.deepcopy(base).to(args.device), x)
+    # The library's own attribution (the one `plan` and budget="flops" use): FLOPs of each unit, in unit order.
+    unit_fwd = profile_units(copy.deepcopy(base).to(args.device), freezable_units(base), x).forward_flops
+    fwd_total = sum(unit_fwd)
     total_params = sum(p.numel() for p in base.parameters())
-    flops = [step_flops(c, x, y)[0] for c in configs]
-    with torch.no_grad():
-        forward_total = FlopCounterMode(display=False)
-        with forward_total:
-            copy.deepcopy(base).to(args.device)(x)
-    fwd_total = forward_total.get_total_flops()
+    flops = [step_flops(c, x, y) for c in configs]
     memory = [saved_bytes(c, x, y) for c in configs]
     medians = time_interleaved(configs, x, y, args.repeats, args.warmup)
 

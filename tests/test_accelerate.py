@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from conftest import RandomImages, tiny_timm
+from helpers import RandomImages, tiny_timm
 
 from hf_layer_freeze import LayerFreezer
 

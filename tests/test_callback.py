@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RandomImages
+from helpers import RandomImages
 from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
@@ -180,14 +180,21 @@ def test_resume_mid_freeze_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, ca
     assert groups == expected_groups
 
 
-def test_resume_reapplies_the_freeze_before_the_first_step(tmp_path):
+def _train_four_epochs_with_checkpoints(output_dir: Path) -> dict:
+    """A run saving a checkpoint each epoch (freeze_start=0.25: 9 units frozen at checkpoint-8); returns the
+    arguments a resumed run must share."""
     overrides = dict(num_train_epochs=4, save_strategy="epoch")
     Trainer(
         model=_model(),
-        args=_args(tmp_path / "full", **overrides),
+        args=_args(output_dir, **overrides),
         train_dataset=RandomImages(64),
         callbacks=[LayerFreezingCallback(freeze_start=0.25)],
     ).train()
+    return overrides
+
+
+def test_resume_reapplies_the_freeze_before_the_first_step(tmp_path):
+    overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")
 
     seen = {}
 
@@ -238,13 +245,7 @@ def test_callback_state_is_json_safe_and_restorable_as_the_trainer_restores_it()
 
 
 def test_resume_with_restore_callback_states_from_checkpoint(tmp_path):
-    overrides = dict(num_train_epochs=4, save_strategy="epoch")
-    Trainer(
-        model=_model(),
-        args=_args(tmp_path / "full", **overrides),
-        train_dataset=RandomImages(64),
-        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
-    ).train()
+    overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")
     trainer = Trainer(
         model=_model(),
         args=_args(tmp_path / "resumed", restore_callback_states_from_checkpoint=True, **overrides),
@@ -262,3 +263,33 @@ def test_resume_with_restore_callback_states_from_checkpoint(tmp_path):
     (restored,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LayerFreezingCallback)]
     assert restored.saved_frozen_units == 9
     assert seen["units"] == sum(len(u.parameters) for u in restored.freezer.units[:9])
+
+
+def test_the_trainer_callback_handler_is_found_and_the_callback_moved_first(tmp_path):
+    """The one place that reads the caller's frames (`_calling_callback_handler`): if a transformers release calls
+    events another way, this fails here, by name, instead of metrics silently missing from TensorBoard or W&B."""
+    import warnings
+
+    from hf_layer_freeze.callback import _calling_callback_handler
+
+    assert _calling_callback_handler(LayerFreezingCallback()) is None  # not called by a handler
+    recorder = EventRecorder()  # listed first, as the Trainer lists its reporting integrations
+    callback = LayerFreezingCallback()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LayerFreezingCallback could not find")
+        trainer = Trainer(
+            model=_model(), args=_args(tmp_path), train_dataset=RandomImages(16), callbacks=[recorder, callback]
+        )
+    assert trainer.callback_handler.callbacks[0] is callback, "on_init_end did not reach the callback handler"
+    assert recorder in trainer.callback_handler.callbacks
+
+
+def test_hooks_are_released_at_the_end_of_training(tmp_path):
+    model = _model()
+    callback = LayerFreezingCallback(freeze_start=0.0, order="execution", freeze_batchnorm=True)
+    Trainer(
+        model=model, args=_args(tmp_path, num_train_epochs=2), train_dataset=RandomImages(32), callbacks=[callback]
+    ).train()
+    assert callback.frozen_units > 0
+    leftover = [name for name, module in model.named_modules() if module._forward_pre_hooks]
+    assert leftover == []

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from conftest import tiny_timm
+from helpers import tiny_timm
 from torch._dynamo.backends.registry import lookup_backend
 
 from hf_layer_freeze import LayerFreezer
+
+pytestmark = pytest.mark.slow  # subprocesses, compiles or whole-model FLOP counts: not in `make test-fast`
 
 
 class CountingBackend:

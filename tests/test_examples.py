@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # subprocesses, compiles or whole-model FLOP counts: not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,7 +43,8 @@ def _check_compare_outputs(out: Path, processes: int, mixed_precision: str = "no
     assert baseline["final_frozen_units"] == 0 and baseline["final_fraction"] == 0
     assert frozen["final_frozen_units"] == frozen["num_units"] > 0 and frozen["final_fraction"] == 1.0
     assert frozen["curve"][1]["frozen_units"] == frozen["num_units"] // 2  # freeze_start 0: half after epoch 1
-    assert -1.0 < results["time_saved"] < 1.0
+    # what the run reports, never how fast it was (timing claims belong in benchmarks)
+    assert results["time_saved"] == pytest.approx(1 - frozen["train_time_s"] / baseline["train_time_s"])
     assert (out / "freezing.png").read_bytes()[:8] == PNG_MAGIC
     return results
 
@@ -155,7 +159,7 @@ def test_train_trainer_checkpoints_each_epoch_and_resumes(tmp_path):
     checkpoints = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-4", "checkpoint-8"]
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"] == 14
+    assert state["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["saved_frozen_units"] == 14
     evals = [log for log in state["log_history"] if "eval_accuracy" in log]
     assert len(evals) == 1 and 0 <= evals[0]["eval_accuracy"] <= 1
     resumed = _ok(_run([*common, "--epochs", "3", "--resume"]))
@@ -164,7 +168,7 @@ def test_train_trainer_checkpoints_each_epoch_and_resumes(tmp_path):
     )
     assert (tmp_path / "checkpoint-12").is_dir()
     final = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
-    assert final["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"] == 28
+    assert final["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["saved_frozen_units"] == 28
     assert "frozen units 28/28" in resumed.stdout
 
 
@@ -175,7 +179,7 @@ def test_train_trainer_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.multiprocess
 def test_train_timm_two_processes_bf16(tmp_path):
-    port = str(29600 + os.getpid() % 1000)
+    port = str(free_port())
     _ok(
         _run(
             [
@@ -207,7 +211,7 @@ def test_train_timm_two_processes_bf16(tmp_path):
 
 @pytest.mark.multiprocess
 def test_train_trainer_two_processes(tmp_path):
-    port = str(29700 + os.getpid() % 1000)
+    port = str(free_port())
     proc = _ok(
         _run(
             [

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_timm, train_steps
+from helpers import tiny_timm, train_steps
 from torch import nn
 
 from hf_layer_freeze import LayerFreezer, freezable_units, frozen_param_groups

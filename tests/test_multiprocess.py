@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -30,7 +31,6 @@ def _env() -> dict[str, str]:
         ACCELERATE_USE_CPU="1",
         OMP_NUM_THREADS="1",
         PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        MASTER_PORT=str(29500 + os.getpid() % 1000),
     )
     return env
 
@@ -52,13 +52,13 @@ def _launch(command: list[str], out: Path) -> list[dict]:
 
 
 def _accelerate(out: Path, *flags: str) -> list[dict]:
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port]
     return _launch([*command, str(WORKERS / "ddp_accelerate.py"), "--out", str(out), *flags], out)
 
 
 def _torchrun(out: Path, *flags: str) -> list[dict]:
-    port = str(29500 + (os.getpid() + 7) % 1000)
+    port = str(free_port())
     command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     return _launch([*command, str(WORKERS / "ddp_trainer.py"), "--out", str(out), *flags], out)
 
@@ -123,7 +123,7 @@ def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path, option
     checkpoint = tmp_path / "full" / "trainer" / "checkpoint-10"
     assert checkpoint.is_dir()
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    frozen_at_checkpoint = saved["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["frozen_units"]
+    frozen_at_checkpoint = saved["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]["saved_frozen_units"]
     assert 0 < frozen_at_checkpoint < full[0]["num_units"]
     resumed = _torchrun(tmp_path / "resumed", *common, "--resume-from", str(checkpoint))
     assert resumed[0]["records"][0]["frozen_units"] >= frozen_at_checkpoint
@@ -135,7 +135,7 @@ def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path, option
 
 
 def _torchrun_fsdp(out: Path, mode: str) -> list[dict]:
-    port = str(29500 + (os.getpid() + 13) % 1000)
+    port = str(free_port())
     command = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     return _launch([*command, str(WORKERS / "fsdp_worker.py"), "--out", str(out), "--fsdp", mode], out)
 

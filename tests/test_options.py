@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_timm, train_steps
+from helpers import tiny_timm, train_steps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import ast
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,18 @@ def test_schedule_is_monotonic_and_bounded(start, level, a, b):
 
 @given(fraction=st.floats(0, 1), n=st.integers(0, 500))
 def test_unit_count_is_floor_of_fraction_times_n(fraction, n):
+    exact = Fraction(fraction) * n  # the float's exact value, times n: no rounding anywhere
     k = num_units_to_freeze(fraction, n)
-    assert 0 <= k <= n
-    assert k == math.floor(fraction * n) or abs(fraction * n - round(fraction * n)) < 1e-6
+    if math.ceil(exact) - exact > Fraction(1, 10**8):
+        assert k == math.floor(exact)
+    else:  # within binary-rounding distance below an integer: that integer, or the floor
+        assert k in (math.floor(exact), math.ceil(exact))
+
+
+@given(thousandths=st.integers(0, 1000), n=st.integers(0, 500))
+def test_unit_count_of_a_decimal_fraction_is_its_exact_floor(thousandths, n):
+    # 0.29 is stored as 0.28999999999999998: the count must still be that of the decimal the user wrote
+    assert num_units_to_freeze(thousandths / 1000, n) == thousandths * n // 1000
 
 
 def test_unit_count_survives_binary_rounding():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_timm
+from helpers import tiny_timm
 from torch import nn
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 

@@ -19,7 +19,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import CountingState, counting_allreduce_hook, params_digest, tensors_digest  # noqa: E402
+from helpers import CountingState, counting_allreduce_hook, params_digest, tensors_digest  # noqa: E402
 
 from hf_layer_freeze import LayerFreezer  # noqa: E402
 

@@ -25,8 +25,13 @@ from transformers import (
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import CountingState, counting_allreduce_hook, params_digest, tensors_digest  # noqa: E402
-from conftest import RandomImages  # noqa: E402
+from helpers import (  # noqa: E402
+    CountingState,
+    RandomImages,  # noqa: E402
+    counting_allreduce_hook,
+    params_digest,
+    tensors_digest,
+)
 
 from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import tensors_digest  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import tensors_digest  # noqa: E402
 
 from hf_layer_freeze import LayerFreezer  # noqa: E402
 

@@ -1,0 +1,81 @@
+"""What the tests and the multi-process workers share: tiny models and data, free ports, digests to compare ranks
+and runs, and an all-reduce counting hook. Imported as `from helpers import ...` (pytest puts `tests/` on the path;
+the workers add it themselves)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Iterable
+
+import timm
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+
+def tiny_timm(name: str = "resnet10t", num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """A timm model small enough for 32x32 CPU tests, created without the hub."""
+    torch.manual_seed(seed)
+    kwargs = {"img_size": 32, "patch_size": 8} if name.startswith(("vit", "deit")) else {}
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Fixed random 32x32 images with labels, as dicts the Trainer and TimmWrapper understand."""
+
+    def __init__(self, n: int = 64, num_classes: int = 10, seed: int = 0, size: int = 32) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, size, size, generator=generator)
+        self.labels = torch.randint(0, num_classes, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+def train_steps(model, optimizer, steps: int = 2, seed: int = 0, batch: int = 4) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(batch, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 10, (batch,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a launcher's rendezvous (not derived from the process id, which
+    two test sessions on one machine can share modulo 1000)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' bytes, in order: equal digests mean bitwise-equal tensors."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    # Parameters only: DDP re-broadcasts buffers (BatchNorm statistics) from rank 0 at each forward.
+    return tensors_digest(model.parameters())
+
+
+class CountingState:
+    """Comm-hook state that counts the gradient elements handed to all-reduce."""
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self.elements = 0
+
+
+def counting_allreduce_hook(state: CountingState, bucket):
+    state.elements += bucket.buffer().numel()
+    return default_hooks.allreduce_hook(state.process_group, bucket)
