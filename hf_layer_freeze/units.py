@@ -57,13 +57,27 @@ class FreezableUnit:
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
     """
-    The classification head(s) of a timm model, also when it sits inside a wrapper.
+    The head(s) of `model`: what the frozen features are still being fitted for, never frozen.
 
-    The outermost module of `model` with a timm-style `get_classifier()` names the head: the module (or the tuple
-    of modules, as distilled DeiT models return) it returns. Heads without parameters (`nn.Identity` when the timm
-    model was built with `num_classes=0`) do not count. Returns an empty list when no such head is found.
+    Two rules, whose results are joined:
+    - timm: the outermost module with a `get_classifier()` names the head, the module (or the tuple of modules, as
+      distilled DeiT models return) it returns; also when the timm model sits inside a wrapper such as
+      `TimmWrapperForImageClassification`.
+    - transformers: everything outside `model.base_model` is head (RoBERTa's two-layer `classifier`, DeiT's and
+      LeViT's distillation classifiers, a causal LM's `lm_head`, tied to the input embedding or not).
+
+    Heads without parameters (`nn.Identity` when the timm model was built with `num_classes=0`) do not count.
+    Returns an empty list when `model` has no head by either rule.
     """
-    for module in unwrap_model(model).modules():
+    return _find_heads(unwrap_model(model))[0]
+
+
+def _find_heads(model: nn.Module) -> tuple[list[nn.Module], bool]:
+    """The heads (see `classifier_modules`) and whether either rule applied (False: the model does not say)."""
+    heads: list[nn.Module] = []
+    known = False
+    base = getattr(model, "base_model", None)
+    for module in model.modules():
         get_classifier = getattr(module, "get_classifier", None)
         if not callable(get_classifier):
             continue
@@ -71,11 +85,17 @@ def classifier_modules(model: nn.Module) -> list[nn.Module]:
             head = get_classifier()
         except (AttributeError, NotImplementedError, TypeError):
             continue
-        heads = head if isinstance(head, (tuple, list)) else (head,)
-        heads = [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
-        if heads:
-            return heads
-    return []
+        found = [h for h in (head if isinstance(head, (tuple, list)) else (head,)) if isinstance(h, nn.Module)]
+        heads += found
+        # A head without parameters says "no head" only of the model itself (timm's num_classes=0); a headless
+        # backbone inside a user's module says nothing of the user's own classifier.
+        known = any(True for h in found for _ in h.parameters()) or module in (model, base)
+        break
+    if isinstance(base, nn.Module) and base is not model:
+        known = True
+        heads += [child for child in model.children() if child is not base]
+    owning = [h for h in heads if any(True for _ in h.parameters())]
+    return list({id(h): h for h in owning}.values()), known
 
 
 def _timm_model_with_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -135,10 +155,11 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
     """
     The units of `model` that can be frozen, in depth-first pre-order of the ownership tree.
 
-    A unit is a module that directly owns parameters. The classification head is excluded: for timm models
-    (and wrappers around one, such as `transformers.TimmWrapperForImageClassification`) the module returned by
-    `get_classifier()` and everything inside it; for other models, the last unit. A parameter shared by
-    several modules belongs to the first unit that owns it, or to the head if the head holds it.
+    A unit is a module that directly owns parameters. The head is excluded (see `classifier_modules`): for timm
+    models (and wrappers around one, such as `transformers.TimmWrapperForImageClassification`) the module returned
+    by `get_classifier()`; for transformers models everything outside `model.base_model`; for other models, the
+    last unit. A parameter shared by several modules belongs to the first unit that owns it, or to the head if the
+    head holds it (a causal LM's input embedding tied to its `lm_head` is never frozen).
 
     With `granularity="block"`, a unit is instead one group of the timm model's own `group_matcher()` (the stem,
     each block or stage, as `timm.models.group_parameters` groups them), so no block is ever half frozen. Models
@@ -170,7 +191,7 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validate_choice("granularity", granularity, GRANULARITIES)
     model = unwrap_model(model)
-    heads = classifier_modules(model)
+    heads, heads_known = _find_heads(model)
     head_param_ids = {id(p) for head in heads for p in head.parameters()}
     head_module_ids = {id(m) for head in heads for m in head.modules()}
     if granularity == "block":
@@ -192,6 +213,6 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
         if params:
             units.append(FreezableUnit(module_name, module, tuple(names), tuple(params)))
 
-    if not heads and units:
-        units.pop()  # no timm head to name: the last unit stands in for the classifier
+    if not heads_known and units:
+        units.pop()  # neither timm nor transformers names a head: the last unit stands in for the classifier
     return units

@@ -100,3 +100,55 @@ def test_wrapped_models_give_the_same_units():
 def test_non_module_is_a_value_error():
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         freezable_units("resnet")
+
+
+def _tiny_transformers_models():
+    """Tiny transformers models whose heads are more than one module, or tied to the input embedding."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    vit = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32, num_labels=3)  # fmt: skip
+    return {
+        "roberta": tf.RobertaForSequenceClassification(tf.RobertaConfig(**text, num_labels=3)),
+        "deit-distilled": tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**vit)),
+        "swiftformer": tf.SwiftFormerForImageClassification(
+            tf.SwiftFormerConfig(depths=[1, 1, 1, 1], embed_dims=[8, 8, 16, 16], num_labels=3)
+        ),
+        "levit": tf.LevitForImageClassificationWithTeacher(
+            tf.LevitConfig(
+                image_size=32,
+                hidden_sizes=[16, 32, 48],
+                num_attention_heads=[1, 2, 3],
+                depths=[1, 1, 1],
+                key_dim=[8, 8, 8],
+                num_labels=3,
+            )  # fmt: skip
+        ),
+        "llama-tied": tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, tie_word_embeddings=True)),
+        "llama-untied": tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, tie_word_embeddings=False)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tiny_transformers_models()))
+def test_transformers_heads_are_everything_outside_the_base_model(name):
+    model = _tiny_transformers_models()[name]
+    base = model.base_model
+    outside = {id(p) for child in model.children() if child is not base for p in child.parameters()}
+    assert outside, "the model has a head outside its base model"
+    units = freezable_units(model)
+    in_units = {id(p) for unit in units for p in unit.parameters}
+    assert not in_units & outside, "a head parameter (or one shared with the head) is freezable"
+    # every parameter of the base model that the head does not share is freezable
+    assert in_units == {id(p) for p in base.parameters()} - outside
+    if name == "llama-tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert "model.embed_tokens" not in [unit.name for unit in units]
+
+
+def test_a_timm_model_without_head_keeps_its_last_unit():
+    # what `plan --num-classes 0` builds: no classifier, so no unit stands in for one
+    headless = freezable_units(tiny_timm("resnet10t", num_classes=0))
+    with_head = freezable_units(tiny_timm("resnet10t", num_classes=10))
+    assert [u.name for u in headless] == [u.name for u in with_head]
