@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpointing import CheckpointInputGrads
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .options import FreezeOptions
 from .param_groups import freeze_parameters, frozen_param_groups
@@ -192,6 +193,7 @@ class LayerFreezer:
                 "(the same model passed to LayerFreezer)"
             )
         self._ddp_sync = DDPReducerSync(model)
+        self._checkpoint_input_grads = CheckpointInputGrads(model)
         self.frozen_units = 0
         self.fraction = 0.0
         self._warned_empty_optimizer = False
@@ -233,6 +235,7 @@ class LayerFreezer:
         What is frozen stays frozen. The Trainer callback calls it at the end of training.
         """
         self._ddp_sync.close()
+        self._checkpoint_input_grads.close()
         if self._profile_hook is not None:
             self._profile_hook.remove()
             self._profile_hook = None
@@ -344,6 +347,7 @@ class LayerFreezer:
                 self._lock_batchnorm_in_eval(newly)
             self.frozen_units = count
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
+            self._checkpoint_input_grads.update(self.units, count)
             self._ddp_sync.parameters_changed()  # without a known wrapper yet, waits for the first training forward
         return self.result(newly_frozen_units=len(newly))
 

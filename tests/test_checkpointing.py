@@ -1,0 +1,98 @@
+"""Gradient checkpointing beside freezing: every unit after the frozen prefix keeps its exact gradient, in both
+checkpointing modes, for transformers and timm models."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import transformers as tf
+from helpers import RandomImages, tiny_timm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
+
+VIT = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+           intermediate_size=32, num_labels=3)  # fmt: skip
+
+
+def _transformers_vit(checkpointing: str | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tf.ViTForImageClassification(tf.ViTConfig(**VIT))
+    if checkpointing is not None:
+        kwargs = {"use_reentrant": checkpointing == "reentrant"}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def _timm_vit(checkpointing: str | None) -> torch.nn.Module:
+    model = tiny_timm("vit_tiny_patch16_224", num_classes=3)
+    model.set_grad_checkpointing(checkpointing is not None)
+    return model
+
+
+def _gradients(model: torch.nn.Module, frozen_units: int) -> tuple[dict[str, torch.Tensor], LayerFreezer]:
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    freezer.freeze_units(frozen_units)
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=generator)
+    logits = model(x)
+    logits = logits.logits if hasattr(logits, "logits") else logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return grads, freezer
+
+
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("family", ["transformers", "timm"])
+@pytest.mark.parametrize("frozen_units", [1, 2, 4, 9, 15])  # the stem, mid-block and whole-block boundaries
+def test_checkpointed_training_keeps_every_unfrozen_gradient(family, checkpointing, frozen_units, monkeypatch):
+    if family == "timm":
+        monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", checkpointing == "reentrant")
+        build = _timm_vit
+    else:
+        build = _transformers_vit
+    expected, _ = _gradients(build(None), frozen_units)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, freezer = _gradients(build(checkpointing), frozen_units)
+    ours = [w for w in caught if "timm re-entrant gradient checkpointing" in str(w.message)]
+    assert len(ours) == ((family, checkpointing) == ("timm", "reentrant")), "the cost warning, where it applies"
+    assert set(got) == set(expected)
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, f"{len(missing)} of {len(got)} trainable tensors got no gradient: {missing[:4]}"
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    frozen = {id(p) for unit in freezer.units[:frozen_units] for p in unit.parameters}
+    assert all(p.grad is None for p in freezer.model.parameters() if id(p) in frozen)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_trainer_gradient_checkpointing_trains_every_unfrozen_tensor_at_every_step(tmp_path, use_reentrant):
+    """The reported failure: ViT, Trainer gradient checkpointing, freezing by step from the start."""
+    model = _transformers_vit(None)
+    changed_each_step: list[tuple[int, int]] = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            params = dict(model.named_parameters())
+            still = [n for n in self.before if params[n].requires_grad]
+            changed = sum(not torch.equal(self.before[n], params[n]) for n in still)
+            changed_each_step.append((changed, len(still)))
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, learning_rate=0.1,
+        use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant},
+    )  # fmt: skip
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
+    dataset = RandomImages(32, num_classes=3)
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, Watch()]).train()
+    assert callback.frozen_units > 0
+    assert all(changed == still for changed, still in changed_each_step), changed_each_step
