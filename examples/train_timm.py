@@ -217,10 +217,19 @@ def epoch_speedup(curve: list[dict]) -> str | None:
     per_step = sum(c["epoch_time_s"] for c in unfrozen) / sum(c["epoch_steps"] for c in unfrozen)
     last = frozen[-1]
     last_per_step = last["epoch_time_s"] / last["epoch_steps"]
+    ratio = per_step / last_per_step
+    if ratio >= 1:
+        verdict = f"{ratio:.2f}x faster"
+    else:
+        # A step bound by kernel launches or data loading (a tiny model on a GPU) gains nothing from skipping
+        # weight gradients; freezing then only costs its bookkeeping.
+        verdict = (
+            f"{1 / ratio:.2f}x slower: this step is not bound by backward compute (a tiny model on a GPU is "
+            "launch-bound, a CPU run can be data-bound), so skipping frozen gradients saves nothing here"
+        )
     return (
         f"step time with nothing frozen {per_step * 1e3:.0f} ms; in epoch {last['epoch']} with "
-        f"{last['frozen_units_during_epoch']} units frozen {last_per_step * 1e3:.0f} ms "
-        f"({per_step / last_per_step:.2f}x faster)"
+        f"{last['frozen_units_during_epoch']} units frozen {last_per_step * 1e3:.0f} ms ({verdict})"
     )
 
 

@@ -52,6 +52,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
             `None` or a positive integer. The Trainer hands callbacks the model before `torch_compile` wraps it,
             so with `torch_compile=True` set `max_freeze_events` yourself (3 fits Dynamo's default limit of 8).
+        keep_frozen (`bool`, *optional*, defaults to `False`):
+            At the end of training the model is given back as it was given: frozen parameters require gradients
+            again and are back in the optimizer (`LayerFreezer.unfreeze`), so a second `trainer.train()` trains the
+            whole model. `True` leaves it frozen.
 
     Example:
 
@@ -79,6 +83,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         budget: str = "units",
         freeze_batchnorm: bool = False,
         max_freeze_events: int | None = None,
+        keep_frozen: bool = False,
     ) -> None:
         self.options = FreezeOptions(
             freeze_start=freeze_start,
@@ -90,6 +95,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             max_freeze_events=max_freeze_events,
         )
         self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
+        if not isinstance(keep_frozen, bool):
+            raise ValueError(f"keep_frozen must be True or False, got {keep_frozen!r}")
+        self.keep_frozen = keep_frozen
+        self._frozen_at_end: int | None = None
         self.freezer: LayerFreezer | None = None
         # The count a checkpoint recorded, set by the Trainer when `restore_callback_states_from_checkpoint=True`
         # rebuilds this callback from the checkpoint's state; otherwise read from `state.stateful_callbacks`.
@@ -106,7 +115,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     # ExportableState: saved into trainer_state.json with each checkpoint.
     def state(self) -> dict[str, Any]:
         return {
-            "args": {**self.options.to_dict(), "freeze_every": self.freeze_every},
+            "args": {**self.options.to_dict(), "freeze_every": self.freeze_every, "keep_frozen": self.keep_frozen},
             "attributes": {"saved_frozen_units": self.frozen_units},
         }
 
@@ -125,16 +134,28 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
+        self._frozen_at_end = None
         self.freezer = LayerFreezer(model, optimizer, **self.options.to_dict())
+        self._warn_if_epochs_are_too_coarse(state)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         self.freezer.freeze_units(self._units_at_resume(state))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.freezer is not None:
-            self.freezer.close()
+        if self.freezer is None:
+            return
+        self._frozen_at_end = self.frozen_units
+        if not self.keep_frozen:
+            result = self.freezer.unfreeze()
+            logger.info("Training ended with %d units frozen; unfroze them (keep_frozen=False).", self._frozen_at_end)
+            if result.frozen_units:
+                logger.info("%d units were frozen before training and stay frozen.", result.frozen_units)
+        self.freezer.close()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.freeze_every == "step":
+        # The step that completes an epoch (the Trainer's `state.epoch` is then whole) freezes here rather than in
+        # on_epoch_end, which comes after this step's log and checkpoint: the log at this step shows the freeze
+        # (the Trainer drops a second log at the same step) and the checkpoint holds it.
+        if self.freeze_every == "step" or (state.epoch is not None and float(state.epoch).is_integer()):
             self._update(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -150,7 +171,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
 
     @property
     def frozen_units(self) -> int:
-        """Units frozen so far, counting a freeze that waits for the first forward pass (what a checkpoint keeps)."""
+        """
+        Units frozen so far, counting a freeze that waits for the first forward pass (what a checkpoint keeps); after
+        training, the units that were frozen when it ended (even if they were unfrozen since).
+        """
+        if self._frozen_at_end is not None:
+            return self._frozen_at_end
         return 0 if self.freezer is None else self.freezer.state_dict()["frozen_units"]
 
     def metrics(self) -> dict[str, float]:
@@ -167,9 +193,26 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     def _update(self, state: TrainerState, control: TrainerControl) -> None:
         if self.freezer is None:
             raise RuntimeError("LayerFreezingCallback got a step before on_train_begin")
+        if state.global_step >= state.max_steps:
+            return  # after the last step a freeze saves nothing: the model ends as it trained
         result = self.freezer.update(self._progress(state))
         if result.changed:
             control.should_log = True
+
+    def _warn_if_epochs_are_too_coarse(self, state: TrainerState) -> None:
+        """With `freeze_every="epoch"`, a run of few epochs freezes at few epoch ends, or at none (a `max_steps`
+        shorter than an epoch): say so before training, with the next step."""
+        epochs = state.num_train_epochs
+        if self.freeze_every != "epoch" or not epochs or self.options.freeze_level == 0:
+            return
+        freezing_epoch_ends = sum(1 for e in range(1, int(epochs)) if e / epochs > self.options.freeze_start)
+        if freezing_epoch_ends < 2:
+            warnings.warn(
+                f"LayerFreezingCallback(freeze_every='epoch') in a run of {epochs} epoch(s) and {state.max_steps} "
+                f"steps freezes at {freezing_epoch_ends} epoch end(s) before training ends (a freeze after the last "
+                "step saves nothing and is not made). Use freeze_every='step' to follow the schedule within epochs.",
+                stacklevel=2,
+            )
 
     @staticmethod
     def _progress(state: TrainerState) -> float:

@@ -206,11 +206,13 @@ class LayerFreezer:
             self._profile_hook = unwrap_model(model).register_forward_pre_hook(
                 self._profile_on_first_forward, with_kwargs=True, prepend=True
             )
-        # Units that are frozen already (a second freezer on the same model) count as frozen.
+        # Units that are frozen already (a second freezer on the same model) count as frozen, but are not ours to
+        # unfreeze.
         while self.frozen_units < len(self.units) and not any(
             p.requires_grad for p in self.units[self.frozen_units].parameters
         ):
             self.frozen_units += 1
+        self._already_frozen_units = self.frozen_units
 
     @property
     def num_units(self) -> int:
@@ -228,6 +230,33 @@ class LayerFreezer:
         callbacks do). A freeze that happened before it was known is applied to its reducer now.
         """
         self._ddp_sync.set_ddp_model(ddp_model)
+
+    def unfreeze(self) -> FreezeResult:
+        """
+        Give the model back as it was given: every parameter this freezer froze requires gradients again and is back
+        in its optimizer param group, in its place (its optimizer state, kept all along, with it); frozen BatchNorm
+        layers update their statistics again. A second `trainer.train()` then trains the whole model. Units that
+        were frozen before this freezer was built stay frozen.
+
+        Returns:
+            `FreezeResult`: nothing frozen, `newly_frozen_units` 0.
+        """
+        params = [p for unit in self.units[self._already_frozen_units : self.frozen_units] for p in unit.parameters]
+        for param in params:
+            param.requires_grad_(True)
+        self._param_groups.restore(params)
+        for handle in self._batchnorm_hooks:
+            handle.remove()
+        self._batchnorm_hooks.clear()
+        if params and unwrap_model(self.model).training:
+            unwrap_model(self.model).train()  # BatchNorm layers locked in eval mode follow the model again
+        self.frozen_units = self._already_frozen_units
+        self.fraction = 0.0
+        self._pending_count = None
+        self._checkpoint_input_grads.update(self.units, self.frozen_units)
+        if params:
+            self._ddp_sync.parameters_changed()
+        return self.result()
 
     def close(self) -> None:
         """

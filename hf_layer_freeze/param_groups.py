@@ -81,10 +81,10 @@ class _FrozenParamGroups:
         self.frozen_ids |= {id(p) for p in parameters}
         self._apply_removal()
 
-    def restore(self) -> None:
-        """Put every frozen parameter back in its group, in its original place (the optimizer as it was built)."""
-        self.frozen_ids.clear()
-        self._restore_full_layout()
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Put `parameters` back in their groups, in their original places."""
+        self.frozen_ids -= {id(p) for p in parameters}
+        self._apply_removal()
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         """The parameters the optimizer still updates."""

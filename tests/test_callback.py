@@ -71,10 +71,11 @@ def test_trainer_freezes_at_each_epoch_end_on_schedule(tmp_path):
     )
     trainer.train()
     steps_per_epoch = 4
-    expected = [(e * steps_per_epoch, callback.freezer.num_units_at(e * steps_per_epoch / 16)) for e in range(1, 5)]
+    expected = [(e * steps_per_epoch, callback.freezer.num_units_at(e * steps_per_epoch / 16)) for e in range(1, 4)]
+    expected.append((16, expected[-1][1]))  # after the last step a freeze would save nothing: none is made
     assert recorder.epoch_ends == expected
-    assert [n for _, n in expected] == [0, 9, 18, NUM_UNITS]
-    assert callback.frozen_units == NUM_UNITS
+    assert [n for _, n in expected] == [0, 9, 18, 18]
+    assert callback.frozen_units == 18
     assert all(p.requires_grad for p in trainer.model.timm_model.get_classifier().parameters())
     # the metrics reach callbacks listed before this one (TensorBoard, W&B, ...) and the log history
     train_logs = [log for log in recorder.logs if "loss" in log]
@@ -102,8 +103,9 @@ def test_freeze_every_step_follows_the_schedule_within_epochs(tmp_path):
         callbacks=[callback, recorder],
     )
     trainer.train()
-    assert recorder.counts == [callback.freezer.num_units_at(s / 8) for s in range(1, 9)]
-    assert len(set(recorder.counts)) == 8  # grows at every step, not only at the 2 epoch ends
+    expected = [callback.freezer.num_units_at(s / 8) for s in range(1, 8)]
+    assert recorder.counts == [*expected, expected[-1]]  # no freeze after the last step: it would save nothing
+    assert len(set(recorder.counts)) == 7  # grows at every step, not only at the 2 epoch ends
 
 
 def test_max_steps_progress_uses_global_step_over_max_steps(tmp_path):
@@ -117,7 +119,11 @@ def test_max_steps_progress_uses_global_step_over_max_steps(tmp_path):
         callbacks=[recorder, callback],
     )
     trainer.train()
-    assert recorder.epoch_ends == [(4, callback.freezer.num_units_at(4 / 6)), (6, NUM_UNITS)]
+    # the second epoch end is after the last step: no freeze there, the model ends as it trained
+    assert recorder.epoch_ends == [
+        (4, callback.freezer.num_units_at(4 / 6)),
+        (6, callback.freezer.num_units_at(4 / 6)),
+    ]
 
 
 def _train_state(trainer: Trainer):
@@ -293,3 +299,74 @@ def test_hooks_are_released_at_the_end_of_training(tmp_path):
     assert callback.frozen_units > 0
     leftover = [name for name, module in model.named_modules() if module._forward_pre_hooks]
     assert leftover == []
+
+
+@pytest.mark.parametrize("keep_frozen", [False, True])
+def test_the_model_is_given_back_unfrozen_unless_kept_frozen(tmp_path, keep_frozen):
+    model = _model()
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_batchnorm=True, keep_frozen=keep_frozen)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, num_train_epochs=2), train_dataset=RandomImages(32), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.frozen_units == NUM_UNITS // 2  # what training ended with (frozen after epoch 1), either way
+    params = list(model.parameters())
+    in_optimizer = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    if keep_frozen:
+        assert sum(p.requires_grad for p in params) < len(params)
+        return
+    assert all(p.requires_grad for p in params)
+    assert sorted(id(p) for p in in_optimizer) == sorted(id(p) for p in params)  # whole, each parameter once
+    # a second train() trains the whole model again, the stem included
+    stem = model.timm_model.conv1[0].weight.detach().clone()
+    trainer.remove_callback(LayerFreezingCallback)
+    trainer.train()
+    assert not torch.equal(stem, model.timm_model.conv1[0].weight)
+
+
+def test_unfreeze_leaves_units_that_were_frozen_before_the_freezer():
+    from hf_layer_freeze import LayerFreezer
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = LayerFreezer(model, optimizer)
+    first.freeze_units(5)
+    second = LayerFreezer(model, optimizer)
+    assert second.frozen_units == 5
+    second.freeze_units(12)
+    assert second.unfreeze().frozen_units == 5
+    frozen = [not any(p.requires_grad for p in unit.parameters) for unit in second.units]
+    assert frozen == [True] * 5 + [False] * (NUM_UNITS - 5)
+    trainable = {id(p) for unit in second.units[5:] for p in unit.parameters}
+    assert trainable <= {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_each_freeze_is_logged_at_its_own_step_when_logging_once_an_epoch(tmp_path):
+    recorder = EventRecorder()
+    callback = LayerFreezingCallback(freeze_start=0.25)
+    Trainer(
+        model=_model(),
+        args=_args(tmp_path, logging_steps=4),  # 4 steps an epoch: one log per epoch, at the epoch's last step
+        train_dataset=RandomImages(64),
+        callbacks=[recorder, callback],
+    ).train()
+    train_logs = [(log["epoch"], log["layer_freeze/frozen_units"]) for log in recorder.logs if "loss" in log]
+    assert train_logs == [(1.0, 0), (2.0, 9), (3.0, 18), (4.0, 18)]
+
+
+def test_a_run_shorter_than_its_freezing_epochs_warns_and_reports_what_it_trained_with(tmp_path):
+    callback = LayerFreezingCallback(freeze_start=0.0)
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path, max_steps=3),  # an epoch is 4 steps
+        train_dataset=RandomImages(64),
+        callbacks=[callback],
+    )
+    with pytest.warns(UserWarning, match=r"freezes at 0 epoch end\(s\).*Use freeze_every='step'"):
+        trainer.train()
+    assert callback.frozen_units == 0  # nothing froze while training; nothing is made to look as if it had
+    stepwise = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
+    Trainer(
+        model=_model(), args=_args(tmp_path, max_steps=3), train_dataset=RandomImages(64), callbacks=[stepwise]
+    ).train()
+    assert stepwise.frozen_units == stepwise.freezer.num_units_at(2 / 3)  # frozen after step 2, trained at step 3
