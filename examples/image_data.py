@@ -132,10 +132,11 @@ def load_image_data(
     )
 
     def to_tensors(batch):
-        return {
-            "pixel_values": [transform(image).as_subclass(torch.Tensor) for image in batch[image_col]],
-            "label": list(batch[label_col]),
-        }
+        try:  # images are decoded here, on first access
+            pixel_values = [transform(image).as_subclass(torch.Tensor) for image in batch[image_col]]
+        except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{argument}: an image cannot be decoded ({error})") from error
+        return {"pixel_values": pixel_values, "label": list(batch[label_col])}
 
     def to_arrays(batch):
         return {

@@ -24,6 +24,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from arguments import check_freezing, check_model_name, check_positive
 from image_data import METRIC_PATH, collate, load_image_data
 from tqdm.auto import tqdm
 
@@ -55,22 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     freezing.add_argument("--compare", action="store_true", help="train without, then with freezing; compare")
     parser.add_argument("--output-dir", default="outputs/train_timm")
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "image_size", "max_steps", "max_train_samples", "max_eval_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not 0 <= args.freeze_start < 1:
-        parser.error(f"--freeze-start must be in [0, 1), got {args.freeze_start}")
-    if not 0 <= args.freeze_level <= 1:
-        parser.error(f"--freeze-level must be in [0, 1], got {args.freeze_level}")
+    check_positive(parser, args, ("epochs", "batch_size", "image_size", "max_steps", "max_train_samples",
+                                  "max_eval_samples", "lr"))  # fmt: skip
+    check_freezing(parser, args)
+    check_model_name(parser, args.model)
     if args.compare and args.no_freeze:
         parser.error("--compare already runs the baseline; drop --no-freeze")
     return args
 
 
 def create_model(name: str, num_classes: int, image_size: int, pretrained: bool) -> torch.nn.Module:
-    if name not in timm.list_models(pretrained=False) and name not in timm.list_models(pretrained=True):
-        raise SystemExit(f"--model: {name!r} is not a timm model name (see timm.list_models())")
     try:  # ViT-style models take the input size; convnets do not know the argument
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=image_size)
     except TypeError:

@@ -17,6 +17,7 @@ import sys
 import evaluate
 import numpy as np
 import torch
+from arguments import check_freezing, check_model_name, check_positive
 from image_data import METRIC_PATH, collate, load_image_data
 from transformers import (
     TimmWrapperConfig,
@@ -51,7 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-freeze", action="store_true")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument("--output-dir", default="outputs/train_trainer")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_positive(parser, args, ("epochs", "batch_size", "image_size", "max_train_samples", "max_eval_samples", "lr"))
+    if args.max_steps == 0 or args.max_steps < -1:
+        parser.error(f"--max-steps must be positive (or -1 to train --epochs), got {args.max_steps}")
+    check_freezing(parser, args)
+    check_model_name(parser, args.model)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["LayerFreezingCallback"]
 
 FREEZE_EVERY_CHOICES = ("epoch", "step")
+
+# The callbacks the user gave each Trainer (by its callback handler), recorded at `on_init_end`: with
+# `restore_callback_states_from_checkpoint=True` the Trainer replaces them by callbacks rebuilt from the checkpoint,
+# and the rebuilt one finds here what the user asked for, to say what changed and to report back to the user's object.
+_GIVEN_CALLBACKS: weakref.WeakKeyDictionary[CallbackHandler, list[LayerFreezingCallback]] = weakref.WeakKeyDictionary()
 
 
 class LayerFreezingCallback(TrainerCallback, ExportableState):
@@ -99,6 +105,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             raise ValueError(f"keep_frozen must be True or False, got {keep_frozen!r}")
         self.keep_frozen = keep_frozen
         self._frozen_at_end: int | None = None
+        self._replaced: list[LayerFreezingCallback] = []  # the user's callbacks this one stands in for
         self.freezer: LayerFreezer | None = None
         # The count a checkpoint recorded, set by the Trainer when `restore_callback_states_from_checkpoint=True`
         # rebuilds this callback from the checkpoint's state; otherwise read from `state.stateful_callbacks`.
@@ -120,7 +127,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         }
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._run_before_other_callbacks()
+        handler = self._run_before_other_callbacks()
+        if handler is not None:
+            _GIVEN_CALLBACKS.setdefault(handler, []).append(self)
 
     def on_train_begin(
         self,
@@ -131,19 +140,27 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs,
     ):
-        self._run_before_other_callbacks()
+        handler = self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
         self._frozen_at_end = None
         self.freezer = LayerFreezer(model, optimizer, **self.options.to_dict())
+        logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
+        self._report_replaced_callbacks(handler)
         self._warn_if_epochs_are_too_coarse(state)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
+        if state.global_step > 0:
+            self._warn_if_options_changed_since_checkpoint(state)
         self.freezer.freeze_units(self._units_at_resume(state))
+        for given in self._replaced:
+            given.freezer = self.freezer
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.freezer is None:
             return
         self._frozen_at_end = self.frozen_units
+        for given in self._replaced:
+            given._frozen_at_end = self._frozen_at_end
         if not self.keep_frozen:
             result = self.freezer.unfreeze()
             logger.info("Training ended with %d units frozen; unfroze them (keep_frozen=False).", self._frozen_at_end)
@@ -239,17 +256,56 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
         return max(units, from_schedule) if at_epoch_end else units
 
-    def _saved_count(self, state: TrainerState) -> int | None:
-        """The frozen-unit count this callback saved in the checkpoint's `trainer_state.json`, if any."""
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
+        """What this callback saved in the checkpoint's `trainer_state.json` (its `state()`), if anything."""
         saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
         if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
             saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
-        if not saved:
-            return None
-        count = saved.get("attributes", {}).get("saved_frozen_units")
+        return saved or None
+
+    def _saved_count(self, state: TrainerState) -> int | None:
+        """The frozen-unit count this callback saved in the checkpoint's `trainer_state.json`, if any."""
+        saved = self._saved_state(state)
+        count = saved.get("attributes", {}).get("saved_frozen_units") if saved else None
         return None if count is None else int(count)
 
-    def _run_before_other_callbacks(self) -> None:
+    def _warn_if_options_changed_since_checkpoint(self, state: TrainerState) -> None:
+        """A run resumed with other options than its checkpoint's continues with the new ones: say which, by name."""
+        saved = self._saved_state(state)
+        if saved is None or not isinstance(saved.get("args"), dict):
+            return
+        changed = _changed_options(given=self.state()["args"], other=saved["args"])
+        if changed:
+            warnings.warn(
+                f"Resuming with LayerFreezingCallback options that differ from the checkpoint's: {changed} "
+                "(checkpoint's value in brackets). The options given now are in force from here on; the units "
+                "frozen at the checkpoint stay frozen (freezing never unfreezes).",
+                stacklevel=2,
+            )
+
+    def _report_replaced_callbacks(self, handler: CallbackHandler | None) -> None:
+        """
+        With `restore_callback_states_from_checkpoint=True` the Trainer swaps the user's callback for this one, built
+        from the checkpoint's options. Say so, naming each option that differs from what the user gave, and let the
+        user's object report what training did (`frozen_units`, `freezer`).
+        """
+        if handler is None:
+            return
+        given = [cb for cb in _GIVEN_CALLBACKS.get(handler, []) if cb is not self and cb not in handler.callbacks]
+        if not given or self in _GIVEN_CALLBACKS.get(handler, []):
+            return
+        self._replaced = given[:1]
+        _GIVEN_CALLBACKS[handler] = [cb for cb in _GIVEN_CALLBACKS[handler] if cb is not given[0]] + [self]
+        changed = _changed_options(given=self.state()["args"], other=given[0].state()["args"], other_name="given")
+        if changed:
+            warnings.warn(
+                "restore_callback_states_from_checkpoint=True: the Trainer replaced your LayerFreezingCallback by one "
+                f"rebuilt from the checkpoint, whose options are in force: {changed} (the value you gave in "
+                "brackets). To train with your options, resume without restore_callback_states_from_checkpoint.",
+                stacklevel=2,
+            )
+
+    def _run_before_other_callbacks(self) -> CallbackHandler | None:
         """
         Move this callback to the front of the Trainer's callback list, so that reporting integrations
         (TensorBoard, W&B, ...), which the Trainer puts before user callbacks, see the `layer_freeze/` metrics
@@ -265,6 +321,17 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         elif handler.callbacks[0] is not self:
             # A new list: the handler is iterating over the old one right now.
             handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+        return handler
+
+
+def _format_options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in options.items())
+
+
+def _changed_options(given: dict[str, Any], other: dict[str, Any], other_name: str = "checkpoint") -> str:
+    """`"name=value [other value], ..."` for each option whose value differs, or `""`."""
+    names = [name for name in given if name in other and given[name] != other[name]]
+    return ", ".join(f"{name}={given[name]!r} [{other_name}: {other[name]!r}]" for name in names)
 
 
 def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 4) -> CallbackHandler | None:

@@ -36,6 +36,9 @@ class FreezeResult:
         frozen_params (`int`): number of parameter elements frozen so far.
         fraction (`float`): the freeze fraction the schedule asked for (0 when units were frozen by count).
         newly_frozen_units (`int`): units frozen by this very call.
+        frozen_before (`int`, *optional*, defaults to 0): of `frozen_units`, the prefix that was already frozen
+            when this freezer was built (by another freezer, or by hand): not this freezer's doing, and left frozen
+            by `unfreeze()`.
     """
 
     frozen_units: int
@@ -43,6 +46,12 @@ class FreezeResult:
     frozen_params: int
     fraction: float
     newly_frozen_units: int
+    frozen_before: int = 0
+
+    @property
+    def frozen_by_this_freezer(self) -> int:
+        """Units this freezer froze itself (`frozen_units - frozen_before`)."""
+        return self.frozen_units - self.frozen_before
 
     @property
     def changed(self) -> bool:
@@ -107,8 +116,9 @@ class LayerFreezer:
             first use in a forward pass, recorded once on the first training batch, so the frozen set is a prefix
             of the computation even where the code defines modules in another order.
         granularity (`str`, *optional*, defaults to `"module"`):
-            `"module"`: every module owning parameters is a unit. `"block"`: the timm model's own
-            `group_matcher()` groups (stem, blocks, stages), so no block is half frozen.
+            `"module"`: every module owning parameters is a unit. `"block"`: the model's own blocks, so no block
+            is half frozen: a timm model's `group_matcher()` groups (stem, blocks, stages), a transformers model's
+            layers (the classes it lists in `_no_split_modules`).
         budget (`str`, *optional*, defaults to `"units"`):
             What the freeze fraction counts: `"units"` (the card's), `"params"` (cumulative parameters) or
             `"flops"` (cumulative forward FLOPs, counted once on the first training batch).
@@ -213,6 +223,13 @@ class LayerFreezer:
         ):
             self.frozen_units += 1
         self._already_frozen_units = self.frozen_units
+        if self.frozen_units:
+            logger.info(
+                "%d of %d units were frozen before this LayerFreezer was built: they count as frozen "
+                "(FreezeResult.frozen_before) and unfreeze() leaves them frozen.",
+                self.frozen_units,
+                self.num_units,
+            )
 
     @property
     def num_units(self) -> int:
@@ -336,12 +353,19 @@ class LayerFreezer:
 
         Args:
             progress (`float`):
-                Fraction of training done, in [0, 1] (for instance `step / total_steps`). Every rank must pass
-                the same value: derive it from step counts, never from timing.
+                Fraction of training done, in [0, 1] (for instance `step / total_steps`); a Python or numpy number,
+                or a 0-d tensor. Every rank must pass the same value: derive it from step counts, never from timing.
 
         Returns:
             `FreezeResult`: what is frozen now.
         """
+        if isinstance(progress, torch.Tensor):
+            if progress.ndim != 0 or progress.is_complex() or progress.dtype == torch.bool:
+                raise ValueError(
+                    "progress must be a number in [0, 1] (a fraction of training), got a tensor of shape "
+                    f"{tuple(progress.shape)} and dtype {progress.dtype}"
+                )
+            progress = progress.item()
         fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
         if self.budget == "flops" and not self.profiled:
             raise RuntimeError(
@@ -418,6 +442,7 @@ class LayerFreezer:
             frozen_params=sum(unit.numel for unit in self.units[: self.frozen_units]),
             fraction=self.fraction,
             newly_frozen_units=newly_frozen_units,
+            frozen_before=self._already_frozen_units,
         )
 
     # Checkpointing through `accelerator.register_for_checkpointing`.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -84,7 +85,7 @@ def freeze_plan(
             model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=input_size)
         except TypeError:  # convnets do not take img_size
             model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
-        x = torch.empty(1, 3, input_size, input_size)
+        x = torch.empty(2, 3, input_size, input_size)  # two images: BatchNorm refuses one at 1x1 in training
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = LayerFreezer(
@@ -174,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import timm
 
-    if not timm.list_models(args.model):
+    if not timm.is_model(args.model):  # accepts pretrained tags (resnet18.a1_in1k), refuses wildcards
         parser.error(f"--model: {args.model!r} is not a timm model name (see timm.list_models())")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{option}: the folder {folder!r} does not exist")
     try:
         rows, saved = freeze_plan(
             args.model,

@@ -7,6 +7,7 @@ Keeping this layer free of torch makes it trivially testable and lets tools (pla
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 __all__ = [
     "bounded_unit_count",
@@ -23,16 +24,21 @@ __all__ = [
 _FLOOR_TOLERANCE = 1e-9
 
 
+def _is_number(value: object) -> bool:
+    """A real number, Python's or numpy's (`np.float32(0.5)`), but not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def validate_freeze_start(freeze_start: float) -> float:
     """Return `freeze_start` as a float, or raise `ValueError` unless it is in [0, 1)."""
-    if isinstance(freeze_start, bool) or not isinstance(freeze_start, (int, float)) or not 0 <= freeze_start < 1:
+    if not _is_number(freeze_start) or not 0 <= freeze_start < 1:
         raise ValueError(f"freeze_start must be a number in [0, 1), got {freeze_start!r}")
     return float(freeze_start)
 
 
 def validate_freeze_level(freeze_level: float) -> float:
     """Return `freeze_level` as a float, or raise `ValueError` unless it is in [0, 1]."""
-    if isinstance(freeze_level, bool) or not isinstance(freeze_level, (int, float)) or not 0 <= freeze_level <= 1:
+    if not _is_number(freeze_level) or not 0 <= freeze_level <= 1:
         raise ValueError(f"freeze_level must be a number in [0, 1], got {freeze_level!r}")
     return float(freeze_level)
 
@@ -46,7 +52,7 @@ def validate_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 
 def validate_progress(progress: float) -> float:
     """Return `progress` as a float, or raise `ValueError` unless it is in [0, 1]."""
-    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 <= progress <= 1:
+    if not _is_number(progress) or not 0 <= progress <= 1:
         raise ValueError(f"progress must be a number in [0, 1] (a fraction of training), got {progress!r}")
     return float(progress)
 
@@ -101,7 +107,7 @@ def num_units_to_freeze(fraction: float, num_units: int) -> int:
 
     ```
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+    if not _is_number(fraction) or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 0:
         raise ValueError(f"num_units must be a non-negative integer, got {num_units!r}")
@@ -124,7 +130,7 @@ def num_units_for_budget(fraction: float, weights: list[int] | tuple[int, ...]) 
 
     ```
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+    if not _is_number(fraction) or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     if any(w < 0 for w in weights):
         raise ValueError("weights must be non-negative")

@@ -106,15 +106,60 @@ def _timm_model_with_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def _block_units(model: nn.Module, head_param_ids: set[int]) -> list[FreezableUnit]:
+def _block_units(model: nn.Module, heads: list[nn.Module]) -> list[FreezableUnit]:
+    """Blocks by the model's own word: timm's `group_matcher()`, else transformers' `_no_split_modules`."""
+    head_param_ids = {id(p) for head in heads for p in head.parameters()}
+    found = _timm_model_with_groups(model)
+    if found is not None:
+        return _timm_block_units(model, found, head_param_ids)
+    units = _transformers_block_units(model, heads)
+    if units is None:
+        raise ValueError(
+            f"granularity='block' needs a timm model with group_matcher() or a transformers model whose "
+            f"_no_split_modules name its layers (got {type(model).__name__}, which has neither); use "
+            "granularity='module'"
+        )
+    return units
+
+
+def _transformers_block_units(model: nn.Module, heads: list[nn.Module]) -> list[FreezableUnit] | None:
+    """
+    One unit per outermost module whose class a transformers model lists in `_no_split_modules` (its layers, and
+    for some its embeddings), in depth-first order; parameters outside any block are module units, in place.
+    `None` when no such block is found.
+    """
+    block_classes = {
+        name
+        for module in model.modules()
+        if isinstance(getattr(module, "_no_split_modules", None), (list, tuple, set))
+        for name in module._no_split_modules
+    }
+    whole = {id(model), id(getattr(model, "base_model", model))}  # a "block" that is the whole model splits nothing
+    head_module_ids = {id(m) for head in heads for m in head.modules()}
+    seen = {id(p) for head in heads for p in head.parameters()}
+    units: list[FreezableUnit] = []
+    inside_block = ""  # the qualified-name prefix of the block being walked through (depth-first)
+    blocks = 0
+    for module_name, module in model.named_modules():
+        if id(module) in head_module_ids or (inside_block and module_name.startswith(inside_block)):
+            continue
+        is_block = type(module).__name__ in block_classes and id(module) not in whole
+        if is_block:
+            inside_block, blocks = f"{module_name}.", blocks + 1
+        prefix = f"{module_name}." if module_name else ""
+        kept = []
+        for name, param in module.named_parameters(recurse=is_block):
+            if id(param) not in seen:
+                seen.add(id(param))
+                kept.append((prefix + name, param))
+        if kept:
+            units.append(FreezableUnit(module_name, module, tuple(n for n, _ in kept), tuple(p for _, p in kept)))
+    return units if blocks else None
+
+
+def _timm_block_units(model: nn.Module, found: tuple[str, nn.Module], head_param_ids: set[int]) -> list[FreezableUnit]:
     from timm.models import group_parameters
 
-    found = _timm_model_with_groups(model)
-    if found is None:
-        raise ValueError(
-            f"granularity='block' needs a timm model with group_matcher() (got {type(model).__name__}, which has "
-            "none inside it); use granularity='module'"
-        )
     prefix, timm_model = found
     prefix = f"{prefix}." if prefix else ""
     params = dict(model.named_parameters())
@@ -161,9 +206,11 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
     last unit. A parameter shared by several modules belongs to the first unit that owns it, or to the head if the
     head holds it (a causal LM's input embedding tied to its `lm_head` is never frozen).
 
-    With `granularity="block"`, a unit is instead one group of the timm model's own `group_matcher()` (the stem,
-    each block or stage, as `timm.models.group_parameters` groups them), so no block is ever half frozen. Models
-    without `group_matcher` get a `ValueError`.
+    With `granularity="block"`, a unit is instead one block as the model itself names them, so no block is ever half
+    frozen: for timm models, one group of `group_matcher()` (the stem, each block or stage, as
+    `timm.models.group_parameters` groups them); for transformers models, each outermost module of a class listed
+    in `_no_split_modules` (ViT's and BERT's embeddings and layers, Llama's decoder layers), with parameters outside
+    any block (a final norm) as module units. Other models get a `ValueError`.
 
     Args:
         model (`torch.nn.Module`):
@@ -195,7 +242,7 @@ def freezable_units(model: nn.Module, granularity: str = "module") -> list[Freez
     head_param_ids = {id(p) for head in heads for p in head.parameters()}
     head_module_ids = {id(m) for head in heads for m in head.modules()}
     if granularity == "block":
-        return _block_units(model, head_param_ids)
+        return _block_units(model, heads)
 
     seen: set[int] = set(head_param_ids)
     units: list[FreezableUnit] = []

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import timm
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import TrainerCallback
 
 
 def tiny_timm(name: str = "resnet10t", num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
@@ -79,3 +80,34 @@ class CountingState:
 def counting_allreduce_hook(state: CountingState, bucket):
     state.elements += bucket.buffer().numel()
     return default_hooks.allreduce_hook(state.process_group, bucket)
+
+
+class StepWatch(TrainerCallback):
+    """
+    Watches every optimizer step of a `Trainer` run: `steps` gets, per step, (trainable tensors that changed,
+    tensors still trainable after the step, frozen tensors that changed). List it after `LayerFreezingCallback`, so
+    a tensor frozen at the end of a step is not counted as trainable for that step.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        still = [n for n in self.trainable if params[n].requires_grad]
+        frozen = [n for n in self.before if n not in self.trainable]
+        self.steps.append(
+            (
+                sum(not torch.equal(self.before[n], params[n]) for n in still),
+                len(still),
+                sum(not torch.equal(self.before[n], params[n]) for n in frozen),
+            )
+        )
+
+    def trained_exactly_the_unfrozen(self) -> bool:
+        """Every still-trainable tensor changed at every step, and no frozen one ever did."""
+        return bool(self.steps) and all(changed == still and not moved for changed, still, moved in self.steps)

@@ -333,7 +333,11 @@ def test_unfreeze_leaves_units_that_were_frozen_before_the_freezer():
     first.freeze_units(5)
     second = LayerFreezer(model, optimizer)
     assert second.frozen_units == 5
-    second.freeze_units(12)
+    # it reports what it froze itself, apart from what the first one did
+    assert (second.result().frozen_before, second.result().frozen_by_this_freezer) == (5, 0)
+    result = second.freeze_units(12)
+    assert (result.frozen_units, result.frozen_before, result.frozen_by_this_freezer) == (12, 5, 7)
+    assert result.newly_frozen_units == 7
     assert second.unfreeze().frozen_units == 5
     frozen = [not any(p.requires_grad for p in unit.parameters) for unit in second.units]
     assert frozen == [True] * 5 + [False] * (NUM_UNITS - 5)
@@ -370,3 +374,107 @@ def test_a_run_shorter_than_its_freezing_epochs_warns_and_reports_what_it_traine
         model=_model(), args=_args(tmp_path, max_steps=3), train_dataset=RandomImages(64), callbacks=[stepwise]
     ).train()
     assert stepwise.frozen_units == stepwise.freezer.num_units_at(2 / 3)  # frozen after step 2, trained at step 3
+
+
+def test_resume_with_changed_options_says_which_by_name(tmp_path):
+    overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")  # saved with freeze_start=0.25, level 1.0
+    callback = LayerFreezingCallback(freeze_start=0.25, freeze_level=0.5)
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "resumed", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[callback],
+    )
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's: freeze_level=0.5 \[checkpoint: 1.0\]") as w:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
+    assert "freeze_start" not in str([str(x.message) for x in w if "differ" in str(x.message)])
+    # the given options are in force; the 9 units frozen at the checkpoint stay frozen
+    assert callback.freezer.freeze_level == 0.5
+    assert callback.frozen_units == max(9, callback.freezer.num_units_at(12 / 16))
+
+
+def test_restore_callback_states_says_the_users_options_were_replaced(tmp_path):
+    overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")
+    given = LayerFreezingCallback(freeze_start=0.25, freeze_level=0.5)
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "resumed", restore_callback_states_from_checkpoint=True, **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[given],
+    )
+    with pytest.warns(UserWarning, match=r"replaced your LayerFreezingCallback.*freeze_level=1.0 \[given: 0.5\]"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
+    (restored,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LayerFreezingCallback)]
+    assert restored is not given and restored.freeze_level == 1.0
+    # the user's object reports what training did, not an untouched 0
+    assert given.freezer is restored.freezer
+    assert given.frozen_units == restored.frozen_units == 18
+
+
+def test_resume_with_the_same_options_warns_nothing(tmp_path):
+    import warnings
+
+    overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path / "resumed", **overrides),
+        train_dataset=RandomImages(64),
+        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(differ from the checkpoint|replaced your)")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Random token sequences: `labels` is a class for sequence classification, the tokens for a causal LM."""
+
+    def __init__(self, n: int = 32, length: int = 12, vocab: int = 64, causal: bool = False) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=generator)
+        self.classes = torch.randint(0, 3, (n,), generator=generator)
+        self.causal = causal
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        labels = ids if self.causal else self.classes[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _text_model(name: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    if name == "bert-encoder":
+        return tf.BertForSequenceClassification(tf.BertConfig(**text, num_labels=3))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("granularity", ["module", "block"])
+@pytest.mark.parametrize("name", ["bert-encoder", "llama-causal-lm-tied"])
+def test_trainer_trains_transformers_text_models_with_freezing(tmp_path, name, granularity):
+    """Encoder and causal LM (tied embeddings) under the Trainer: every step trains exactly the unfrozen tensors,
+    frozen ones stay bitwise unchanged, and the head (and the embedding it shares) trains to the end."""
+    from helpers import StepWatch
+
+    model = _text_model(name)
+    watch = StepWatch()
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step", granularity=granularity, keep_frozen=True)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=8, learning_rate=1e-2),
+        train_dataset=RandomTokens(causal=name.startswith("llama")),
+        callbacks=[callback, watch],
+    )
+    trainer.train()
+    assert len(watch.steps) == 8
+    assert watch.trained_exactly_the_unfrozen(), watch.steps
+    # the schedule was followed to its last step, and the head was never frozen
+    assert callback.frozen_units == callback.freezer.num_units_at(7 / 8) > 0
+    head = model.classifier if name == "bert-encoder" else model.lm_head
+    assert all(p.requires_grad for p in head.parameters())
+    assert watch.steps[-1][1] >= len(list(head.parameters()))

@@ -9,8 +9,8 @@ import pytest
 import timm
 import torch
 import transformers as tf
-from helpers import RandomImages, tiny_timm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from helpers import RandomImages, StepWatch, tiny_timm
+from transformers import Trainer, TrainingArguments
 
 from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
 
@@ -74,18 +74,7 @@ def test_checkpointed_training_keeps_every_unfrozen_gradient(family, checkpointi
 def test_trainer_gradient_checkpointing_trains_every_unfrozen_tensor_at_every_step(tmp_path, use_reentrant):
     """The reported failure: ViT, Trainer gradient checkpointing, freezing by step from the start."""
     model = _transformers_vit(None)
-    changed_each_step: list[tuple[int, int]] = []
-
-    class Watch(TrainerCallback):
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            params = dict(model.named_parameters())
-            still = [n for n in self.before if params[n].requires_grad]
-            changed = sum(not torch.equal(self.before[n], params[n]) for n in still)
-            changed_each_step.append((changed, len(still)))
-
+    watch = StepWatch()
     args = TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8, learning_rate=0.1,
         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
@@ -93,6 +82,6 @@ def test_trainer_gradient_checkpointing_trains_every_unfrozen_tensor_at_every_st
     )  # fmt: skip
     callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
     dataset = RandomImages(32, num_classes=3)
-    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, Watch()]).train()
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, watch]).train()
     assert callback.frozen_units > 0
-    assert all(changed == still for changed, still in changed_each_step), changed_each_step
+    assert watch.trained_exactly_the_unfrozen(), watch.steps

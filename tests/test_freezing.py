@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_timm, train_steps
@@ -59,6 +61,32 @@ def test_update_is_monotonic_and_idempotent():
     assert freezer.update(0.6).frozen_units == freezer.num_units_at(0.9)  # never unfreezes
     assert freezer.update(1.0).frozen_units == freezer.num_units
     assert all(p.requires_grad for p in model.get_classifier().parameters())
+
+
+@pytest.mark.parametrize(
+    "progress", [np.float64(0.75), np.float32(0.75), torch.tensor(0.75), torch.tensor(3) / 4, Fraction(3, 4)]
+)
+def test_update_takes_numpy_numbers_and_0d_tensors(progress):
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert freezer.update(progress).frozen_units == freezer.num_units_at(0.75) == 14
+
+
+@pytest.mark.parametrize(
+    ("progress", "match"),
+    [
+        (torch.tensor([0.5]), r"got a tensor of shape \(1,\)"),
+        (torch.tensor(True), "got a tensor of shape"),
+        (np.float64(1.5), r"progress must be a number in \[0, 1\].*got .*1\.5"),
+        (np.bool_(True), "progress must be a number"),
+        ("0.5", "progress must be a number"),
+    ],
+)
+def test_update_rejects_what_is_not_a_progress(progress, match):
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=match):
+        freezer.update(progress)
 
 
 def test_emptied_param_group_is_kept_and_lr_scheduler_still_steps():

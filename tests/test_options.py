@@ -77,8 +77,51 @@ def test_block_granularity_never_half_freezes_a_block():
 
 def test_block_granularity_needs_a_group_matcher():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="granularity='block' needs a timm model with group_matcher"):
+    with pytest.raises(
+        ValueError, match="granularity='block' needs a timm model with group_matcher.*_no_split_modules"
+    ):
         freezable_units(model, granularity="block")
+
+
+def _tiny_transformers(name: str) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    if name == "vit":
+        config = tf.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in text.items() if k != "vocab_size"})
+        return tf.ViTForImageClassification(config)
+    if name == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(**text, num_labels=3))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vit", ["vit.embeddings", "vit.encoder.layer.0", "vit.encoder.layer.1", "vit.encoder.layer.2",
+                 "vit.layernorm"]),
+        ("bert", ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2",
+                  "bert.pooler.dense"]),
+        ("llama", ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.norm"]),
+    ],
+)  # fmt: skip
+def test_block_granularity_freezes_whole_transformers_layers(name, expected):
+    model = _tiny_transformers(name)
+    units = freezable_units(model, granularity="block")
+    layer_names = [u.name for u in units]
+    if name == "vit" and "vit.layers.0" in layer_names:  # transformers 5 names ViT's layers `layers`
+        expected = [n.replace("encoder.layer.", "layers.") for n in expected]
+    assert layer_names == expected
+    # every non-head parameter is in exactly one unit; each layer's parameters all in its unit
+    modules = freezable_units(model)
+    assert {id(p) for u in units for p in u.parameters} == {id(p) for u in modules for p in u.parameters}
+    layer = dict(model.named_modules())[expected[1]]
+    assert set(units[1].parameters) == set(layer.parameters())
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block")
+    freezer.freeze_units(2)
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert all(p.requires_grad for p in dict(model.named_modules())[expected[2]].parameters())
 
 
 def test_budgets_count_parameters_and_flops_not_units():
