@@ -6,7 +6,14 @@ export TOKENIZERS_PARALLELISM := false
 # One process using every core (accelerate launch would otherwise pin CPU runs to one thread).
 LAUNCH := --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast test-min demo lint bench clean
+
+# The oldest versions pyproject.toml declares (constraints-min.txt), in a second environment.
+MIN_VENV := .venv-min
+# The version-sensitive tests: compile, DDP internals and multi-process training, the Trainer callback, resume,
+# gradient checkpointing. (The examples' tests need the examples' extras, which pin no floor of the package.)
+MIN_TESTS := tests/test_compile.py tests/test_multiprocess.py tests/test_callback.py tests/test_accelerate.py \
+	tests/test_checkpointing.py tests/test_freezing.py tests/test_units.py tests/test_options.py
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +30,16 @@ test: $(BIN)/.installed
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
+$(MIN_VENV)/bin/.installed: pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/pip install --quiet -c constraints-min.txt -e ".[dev]"
+	touch $@
+
+# The version-sensitive tests again, on the oldest declared torch, transformers, accelerate and timm.
+test-min: $(MIN_VENV)/bin/.installed
+	$(MIN_VENV)/bin/python -m pytest -q --durations=5 $(MIN_TESTS)
+
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch $(LAUNCH) examples/train_timm.py
 
@@ -37,4 +54,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ddp_comm.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) build *.egg-info

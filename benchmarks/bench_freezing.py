@@ -4,12 +4,18 @@
     python benchmarks/bench_freezing.py            # resnet18, resnet50, vit_tiny at f in {0, .25, .5, .75, 1}
     python benchmarks/bench_freezing.py --quick    # resnet18 only, fewer repetitions (under 3 minutes on 2 cores)
     python benchmarks/bench_freezing.py --device cuda --image-size 224 --batch-size 128   # on a GPU
+    python benchmarks/bench_freezing.py --compile --quick    # torch.compile: compiled against eager, per fraction
 
 For each model and frozen fraction f of the freezable units it reports the median step time (forward, backward,
 SGD step; configurations interleaved, warm-up discarded), the FLOP-ideal speedup (forward+backward FLOPs counted by
 `torch.utils.flop_counter.FlopCounterMode`), the measured speedup, the efficiency (measured saving / ideal saving),
 the fractions of forward FLOPs and of parameters frozen, and the bytes autograd saves for backward. It also measures
 the overhead of an attached freezer with nothing frozen. Writes JSON, a PNG figure and prints a markdown table.
+
+With `--compile`, one `torch.compile`d model goes through the fractions in order, as in training (each fraction is a
+freeze event of its `LayerFreezer`), beside an eager copy frozen alike. For each fraction it reports the compiled
+step, the eager step at the same fraction, the compiled unfrozen step, and the recompile cost of the event (the
+first compiled step after the freeze, minus a compiled step).
 """
 
 from __future__ import annotations
@@ -169,6 +175,85 @@ def bench_model(name: str, args) -> dict:
     }
 
 
+def bench_compiled_model(name: str, args) -> dict:
+    """One compiled model frozen further at each fraction (a freeze event each), beside an eager copy."""
+    torch.manual_seed(0)
+    base = create(name, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
+    torch._dynamo.reset()
+    eager = Config(base, 0.0, args)
+    compiled = Config(base, 0.0, args, attach_freezer=False)
+    compiled.model = torch.compile(compiled.model, backend=args.compile_backend)
+    compiled.freezer = LayerFreezer(compiled.model, compiled.optimizer, freeze_start=0.0, max_freeze_events=None)
+    rows = []
+    for fraction in args.fractions:
+        count = num_units_to_freeze(fraction, compiled.freezer.num_units)
+        for config in (eager, compiled):
+            config.freezer.freeze_units(count)
+            config.fraction, config.frozen_units = fraction, count
+        synchronize(args.device)
+        start = time.perf_counter()
+        compiled.step(x, y)  # traces and compiles the graph for this frozen set
+        synchronize(args.device)
+        first_step = time.perf_counter() - start
+        eager_t, compiled_t = time_interleaved([eager, compiled], x, y, args.repeats, args.warmup)
+        rows.append(
+            {
+                "fraction": fraction,
+                "frozen_units": count,
+                "num_units": compiled.freezer.num_units,
+                "eager_ms": eager_t * 1e3,
+                "compiled_ms": compiled_t * 1e3,
+                "recompile_s": first_step - compiled_t,
+            }
+        )
+        print(f"  {name} f={fraction:.2f}: compiled {compiled_t * 1e3:.1f} ms, eager {eager_t * 1e3:.1f} ms, "
+              f"compile {first_step - compiled_t:.1f} s", file=sys.stderr)  # fmt: skip
+    unfrozen = rows[0]["compiled_ms"]
+    for row in rows:
+        row["compiled_vs_compiled_unfrozen"] = row["compiled_ms"] / unfrozen
+        row["compiled_vs_eager"] = row["compiled_ms"] / row["eager_ms"]
+    return {"model": name, "compile_backend": args.compile_backend, "rows": rows}
+
+
+def markdown_compiled(results: list[dict]) -> str:
+    lines = [
+        "| model | f | units frozen | eager step (ms) | compiled step (ms) | compiled / compiled unfrozen "
+        "| compiled / eager at this f | recompile (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for r in result["rows"]:
+            lines.append(
+                f"| {result['model']} | {r['fraction']:.2f} | {r['frozen_units']}/{r['num_units']} "
+                f"| {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['compiled_vs_compiled_unfrozen']:.2f} "
+                f"| {r['compiled_vs_eager']:.2f} | {r['recompile_s']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_compiled(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    for axis, result in zip(axes[0], results, strict=True):
+        fractions = [r["fraction"] for r in result["rows"]]
+        axis.plot(fractions, [r["eager_ms"] for r in result["rows"]], "o-", label="eager")
+        axis.plot(fractions, [r["compiled_ms"] for r in result["rows"]], "o-", label="compiled")
+        axis.set(title=result["model"], xlabel="fraction of units frozen", ylabel="step (ms)", ylim=(0, None))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
         "| model | f | units frozen | step (ms) | ideal speedup | measured | efficiency | fwd FLOPs frozen "
@@ -226,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on cuda)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (default on cuda)")
     parser.add_argument("--quick", action="store_true", help="resnet18 only, fewer repetitions")
+    parser.add_argument("--compile", action="store_true", help="torch.compile: compiled against eager per fraction")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--output-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.fractions[0] != 0.0:
@@ -244,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.models:
         start = time.perf_counter()
-        results.append(bench_model(name, args))
+        results.append(bench_compiled_model(name, args) if args.compile else bench_model(name, args))
         print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
     machine = {
         "date": date.today().isoformat(),
@@ -256,13 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"step_speed_{args.device}"
+    stem = f"step_speed_{'compiled_' if args.compile else ''}{args.device}"
     (output_dir / f"{stem}.json").write_text(
         json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=2)
     )
-    plot(results, output_dir / f"{stem}.png")
+    (plot_compiled if args.compile else plot)(results, output_dir / f"{stem}.png")
     print(f"\n{machine}\nbatch {args.batch_size} at {args.image_size} px, bf16={args.bf16}\n")
-    print(markdown(results))
+    print(markdown_compiled(results) if args.compile else markdown(results))
     print(f"\nwrote {output_dir / stem}.json and .png")
     return 0
 

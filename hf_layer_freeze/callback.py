@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from .freezer import LayerFreezer
+from .freezer import LayerFreezer, resolve_max_freeze_events
 from .options import FreezeOptions
 from .schedule import validate_choice
 
@@ -56,8 +56,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         order, granularity, budget, freeze_batchnorm, max_freeze_events:
             As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
             "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
-            `None` or a positive integer. The Trainer hands callbacks the model before `torch_compile` wraps it,
-            so with `torch_compile=True` set `max_freeze_events` yourself (3 fits Dynamo's default limit of 8).
+            `None` or a positive integer. With `TrainingArguments(torch_compile=True)` the callback bounds the
+            freeze events itself, as `LayerFreezer` does for a compiled model (3 at Dynamo's default limit of 8).
         keep_frozen (`bool`, *optional*, defaults to `False`):
             At the end of training the model is given back as it was given: frozen parameters require gradients
             again and are back in the optimizer (`LayerFreezer.unfreeze`), so a second `trainer.train()` trains the
@@ -144,7 +144,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
         self._frozen_at_end = None
-        self.freezer = LayerFreezer(model, optimizer, **self.options.to_dict())
+        options = self.options.to_dict()
+        if args.torch_compile:  # the Trainer compiles the model after handing it to callbacks: bound the recompiles
+            options["max_freeze_events"] = resolve_max_freeze_events(
+                model, self.options.max_freeze_events, compiled=True
+            )
+        self.freezer = LayerFreezer(model, optimizer, **options)
         logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
         self._report_replaced_callbacks(handler)
         self._warn_if_epochs_are_too_coarse(state)

@@ -6,8 +6,12 @@ checkpointed layer are frozen, its input no longer requires a gradient, and ever
 and in every later checkpointed layer, silently stops training. Non-reentrant checkpoints do not have this problem.
 
 The fix makes the input of the first checkpointed layer that holds a trainable unit require a gradient:
-- transformers layers (`GradientCheckpointingLayer`) checkpoint their `forward`, so a forward pre-hook on the
-  layer runs outside the checkpoint: the layer's input gets `requires_grad`, and backward stops right there.
+- transformers layers (`GradientCheckpointingLayer`) pass their positional inputs to the checkpoint function the
+  model set on them (`layer._gradient_checkpointing_func`), whether the release checkpoints their `forward`
+  (recent ones) or their `__call__` (earlier 5.x, where the layer's own hooks run inside the checkpoint): that
+  function, on that one layer, is wrapped so that its floating-point inputs require a gradient, and backward stops
+  right there. The wrapper is checked before each forward of the model, since `gradient_checkpointing_enable`
+  sets the function anew.
 - timm checkpoints blocks from its model's own forward (`checkpoint_seq`), where no hook runs outside the
   checkpoint but the model's: with timm's re-entrant mode on (`timm.layers.set_reentrant_ckpt(True)` or
   `TIMM_REENTRANT_CKPT=1`), the model's input gets `requires_grad`. Training is then right, but backward runs
@@ -45,6 +49,24 @@ def _transformers_checkpoint_layer() -> type | None:
     return GradientCheckpointingLayer
 
 
+class _InputsRequireGrad:
+    """A transformers layer's checkpoint function, whose positional floating-point inputs now require a gradient."""
+
+    def __init__(self, checkpoint_function: Any) -> None:
+        self.checkpoint_function = checkpoint_function
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """The keywords of the wrapped `functools.partial(checkpoint, use_reentrant=...)`."""
+        return getattr(self.checkpoint_function, "keywords", None) or {}
+
+    def __call__(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        # non-reentrant checkpoints differentiate through their parameters: they need nothing
+        if torch.is_grad_enabled() and self.keywords.get("use_reentrant") is not False:
+            args = tuple(_requiring_grad(a) for a in args)
+        return self.checkpoint_function(function, *args, **kwargs)
+
+
 class CheckpointInputGrads:
     """
     Makes the input of the first checkpointed layer that still trains require a gradient, so that re-entrant
@@ -58,29 +80,35 @@ class CheckpointInputGrads:
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap_model(model)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._layer: nn.Module | None = None
         self._timm_checkpointing_modules: list[nn.Module] = []
         self._warned = False
 
     def update(self, units: list[FreezableUnit], frozen_units: int) -> None:
-        """Move the hook to the first unit that still trains (none while nothing is frozen, or everything is)."""
+        """Move the fix to the first unit that still trains (none while nothing is frozen, or everything is)."""
         self.close()
         if frozen_units == 0 or frozen_units >= len(units):
             return
         first_trainable = units[frozen_units].module
         layer_type = _transformers_checkpoint_layer()
-        layer = None
         if layer_type is not None:
             # The outermost transformers layer around the first trainable unit: that is the checkpoint boundary.
             for module in self.model.modules():
                 if isinstance(module, layer_type) and any(m is first_trainable for m in module.modules()):
-                    layer = module
+                    self._layer = module
                     break
-        if layer is not None:
-            self._handle = layer.register_forward_pre_hook(self._layer_input_requires_grad, with_kwargs=True)
+        if self._layer is not None:
+            self._wrap_layer_checkpoint_function()
+            self._handle = self.model.register_forward_pre_hook(self._wrap_layer_checkpoint_function)
         else:
             self._timm_checkpointing_modules = [m for m in self.model.modules() if hasattr(m, "grad_checkpointing")]
             if self._timm_checkpointing_modules:
                 self._handle = self.model.register_forward_pre_hook(self._model_input_requires_grad, with_kwargs=True)
+
+    def _wrap_layer_checkpoint_function(self, *hook_args: Any) -> None:
+        function = getattr(self._layer, "_gradient_checkpointing_func", None)
+        if function is not None and not isinstance(function, _InputsRequireGrad):
+            self._layer._gradient_checkpointing_func = _InputsRequireGrad(function)
 
     def _timm_reentrant_checkpointing(self) -> bool:
         """Whether a timm model inside the model checkpoints its blocks, re-entrantly."""
@@ -93,20 +121,15 @@ class CheckpointInputGrads:
         return bool(use_reentrant_ckpt())
 
     def close(self) -> None:
-        """Remove the hook."""
+        """Remove the hook, and give the layer back its own checkpoint function."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-
-    @staticmethod
-    def _layer_input_requires_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not (module.training and torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False)):
-            return None
-        checkpoint_kwargs = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", None) or {}
-        if checkpoint_kwargs.get("use_reentrant") is False:
-            return None  # non-reentrant checkpoints differentiate through their parameters: nothing to do
-        # Re-entrant checkpoints only see positional tensors (transformers passes hidden states positionally).
-        return tuple(_requiring_grad(a) for a in args), kwargs
+        if self._layer is not None:
+            function = getattr(self._layer, "_gradient_checkpointing_func", None)
+            if isinstance(function, _InputsRequireGrad):
+                self._layer._gradient_checkpointing_func = function.checkpoint_function
+            self._layer = None
 
     def _model_input_requires_grad(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not (module.training and torch.is_grad_enabled() and self._timm_reentrant_checkpointing()):

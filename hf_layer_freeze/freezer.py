@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpointing import CheckpointInputGrads
+from .compiled import invalidate_compiled_code, recompile_limit
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .options import FreezeOptions
 from .param_groups import freeze_parameters, frozen_param_groups
@@ -63,15 +64,19 @@ def _stay_in_eval(module: nn.Module, args: tuple) -> None:
     module.training = False
 
 
-def resolve_max_freeze_events(model: nn.Module, max_freeze_events: int | None) -> int | None:
+def resolve_max_freeze_events(
+    model: nn.Module, max_freeze_events: int | None, compiled: bool | None = None
+) -> int | None:
     """
     The bound on distinct freeze events. Under `torch.compile` each event recompiles the training graph and the
-    evaluation graph once; past `torch._dynamo.config.recompile_limit` Dynamo silently runs eager. So a compiled
-    model gets `(recompile_limit - 2) // 2` events by default, and a warning if a given bound would exceed it.
+    evaluation graph once (seconds to minutes each), and past `torch._dynamo.config.recompile_limit` Dynamo
+    silently runs eager. So a compiled model gets `(recompile_limit - 2) // 2` events by default, and a warning if a
+    given bound would exceed it. `compiled` overrides the detection (the Trainer hands callbacks the model before
+    `torch_compile` wraps it).
     """
-    if not is_compiled(model):
+    if not (is_compiled(model) if compiled is None else compiled):
         return max_freeze_events
-    limit = int(torch._dynamo.config.recompile_limit)
+    limit = recompile_limit()
     safe = max(1, (limit - 2) // 2)
     if max_freeze_events is None:
         logger.info("Compiled model: at most %d freeze events (recompile_limit %d).", safe, limit)
@@ -273,6 +278,7 @@ class LayerFreezer:
         self._checkpoint_input_grads.update(self.units, self.frozen_units)
         if params:
             self._ddp_sync.parameters_changed()
+            invalidate_compiled_code(self.model)
         return self.result()
 
     def close(self) -> None:
@@ -402,6 +408,7 @@ class LayerFreezer:
             logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
             self._checkpoint_input_grads.update(self.units, count)
             self._ddp_sync.parameters_changed()  # without a known wrapper yet, waits for the first training forward
+            invalidate_compiled_code(self.model)  # compiled: the next step traces a backward without these gradients
         return self.result(newly_frozen_units=len(newly))
 
     def _lock_batchnorm_in_eval(self, units: list[FreezableUnit]) -> None:

@@ -1,14 +1,18 @@
-"""A compiled model stays compiled through a whole run: freeze events are bounded to fit Dynamo's limit."""
+"""Compiled training gets the speedup: after every freeze event the next step runs a graph traced for the new frozen
+set (its backward computes no frozen gradient), whatever compiled the model; freeze events stay within Dynamo's
+recompile limit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch._dynamo
-from helpers import tiny_timm
+from helpers import RandomImages, tiny_timm
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 
-from hf_layer_freeze import LayerFreezer
+from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
+from hf_layer_freeze.compiled import invalidate_compiled_code, recompile_limit
 
 pytestmark = pytest.mark.slow  # subprocesses, compiles or whole-model FLOP counts: not in `make test-fast`
 
@@ -23,6 +27,142 @@ class CountingBackend:
     def __call__(self, gm, example_inputs):
         self.compiles += 1
         return self.aot_eager(gm, example_inputs)
+
+
+class BackwardRecorder:
+    """
+    A Dynamo backend (AOTAutograd running the traced aten graphs eagerly) that records, for each backward graph it
+    compiles, how many gradients that graph computes: the ground truth of what a compiled step differentiates.
+    """
+
+    def __init__(self):
+        self.backward_grads: list[int] = []
+        self.backend = aot_autograd(fw_compiler=self._forward, bw_compiler=self._backward)
+
+    @staticmethod
+    def _forward(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+
+        return make_boxed_func(gm.forward)
+
+    def _backward(self, gm, example_inputs):
+        (output,) = [node for node in gm.graph.nodes if node.op == "output"]
+        self.backward_grads.append(sum(grad is not None for grad in output.args[0]))
+        return self._forward(gm, example_inputs)
+
+    def __call__(self, gm, example_inputs):
+        return self.backend(gm, example_inputs)
+
+
+def _trainable(model) -> int:
+    return sum(p.requires_grad for p in model.parameters())
+
+
+def _register_as_aot_eager(backend, monkeypatch) -> None:
+    """Accelerate and the Trainer name their backend by a string: let `aot_eager` name `backend` in this test."""
+    from torch._dynamo.backends import registry
+
+    torch._dynamo.list_backends()  # registers the built-in backends first, as a later lookup would
+    monkeypatch.setitem(registry._COMPILER_FNS, "aot_eager", backend)
+
+
+def _compiled(route: str, model, backend, monkeypatch):
+    """`model` compiled the way users do, with `backend` (under the name `aot_eager` for Accelerate)."""
+    if route == "torch.compile":
+        return torch.compile(model, backend=backend)
+    if route == "module.compile":
+        model.compile(backend=backend)
+        return model
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    _register_as_aot_eager(backend, monkeypatch)
+    AcceleratorState._reset_state()  # older Accelerate keeps the dynamo setting of an earlier Accelerator
+    prepared = Accelerator(cpu=True, dynamo_backend="aot_eager").prepare_model(model)
+    assert type(prepared).__name__ == "OptimizedModule"
+    return prepared
+
+
+@pytest.mark.parametrize("route", ["torch.compile", "module.compile", "accelerate"])
+def test_after_each_freeze_the_compiled_backward_computes_no_frozen_gradient(route, monkeypatch):
+    torch._dynamo.reset()
+    model = tiny_timm("resnet10t")
+    recorder = BackwardRecorder()
+    compiled = _compiled(route, model, recorder, monkeypatch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = LayerFreezer(compiled, optimizer, freeze_start=0.0, max_freeze_events=None)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for count in (0, 9, 14, freezer.num_units):
+        freezer.freeze_units(count)
+        before = len(recorder.backward_grads)
+        torch.nn.functional.cross_entropy(compiled(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # a new backward graph, which differentiates exactly the parameters that still train
+        assert len(recorder.backward_grads) == before + 1, f"no graph traced after freezing {count} units"
+        assert recorder.backward_grads[-1] == _trainable(model)
+    assert recorder.backward_grads[0] == len(list(model.parameters())) > recorder.backward_grads[-1]
+
+
+def test_trainer_torch_compile_bounds_events_and_steps_without_frozen_gradients(tmp_path, monkeypatch):
+    from transformers import (
+        TimmWrapperConfig,
+        TimmWrapperForImageClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    torch._dynamo.reset()
+    recorder = BackwardRecorder()
+    _register_as_aot_eager(recorder, monkeypatch)
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
+    graphs_by_step: list[tuple[int, list[int]]] = []  # (tensors that train at the step, its new backward graphs)
+
+    class GraphsAtEachStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.trainable, self.seen = _trainable(model), len(recorder.backward_grads)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            graphs_by_step.append((self.trainable, recorder.backward_grads[self.seen :]))
+
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=16, learning_rate=1e-3,
+        use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+        torch_compile=True, torch_compile_backend="aot_eager",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(64), callbacks=[callback, GraphsAtEachStep()])
+    trainer.train()
+    assert trainer.model_wrapped is not model and "OptimizedModule" in type(trainer.model_wrapped).__name__
+    # the callback saw torch_compile=True although the Trainer hands it the uncompiled model
+    assert callback.freezer.max_freeze_events == (recompile_limit() - 2) // 2 == 3
+    frozen_sets = sorted({trainable for trainable, _ in graphs_by_step}, reverse=True)
+    assert 2 <= len(frozen_sets) <= 4  # the first frozen set, then at most 3 events
+    for trainable, graphs in graphs_by_step:
+        # a graph compiled during a step differentiates exactly what trains at that step
+        assert all(grads == trainable for grads in graphs), (trainable, graphs)
+    # each frozen set the run trained with got its own backward graph (not the one traced before the freeze)
+    assert {grads for _, graphs in graphs_by_step for grads in graphs} == set(frozen_sets)
+
+
+def test_invalidation_leaves_other_compiled_functions_alone():
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    other = torch.compile(lambda t: torch.sin(t) * 2, backend=backend)
+    model = tiny_timm("resnet10t")
+    compiled = torch.compile(model, backend=backend)
+    other(torch.randn(3))
+    compiled(torch.randn(2, 3, 32, 32))
+    assert backend.compiles == 2
+    assert invalidate_compiled_code(model) == 1  # ResNet.forward
+    other(torch.randn(3))
+    assert backend.compiles == 2  # the user's other function kept its graph
+    compiled(torch.randn(2, 3, 32, 32))
+    assert backend.compiles == 3
+    assert invalidate_compiled_code(tiny_timm("resnet10t")) == 1  # same class: same code; harmless, recompiles once
+    assert invalidate_compiled_code(torch.nn.Linear(2, 2)) == 0
 
 
 def _loss_and_grads(model, x, y):

@@ -1,0 +1,80 @@
+"""`torch.compile` beside freezing: a graph traced for the new frozen set after each freeze event.
+
+Dynamo does not guard on a parameter's `requires_grad` on every torch release (pytorch issue 139476: torch 2.11 runs
+the graph traced before the freeze, whose backward still computes every frozen gradient; 2.14 retraces). So after
+each freeze event the freezer drops Dynamo's cached code for this model: the code objects of its modules' `forward`
+methods (where Dynamo's cache lives, whether the model was compiled with `torch.compile(model)`, `model.compile()`,
+Accelerate's `dynamo_backend` or the Trainer's `torch_compile`), and the resume functions Dynamo made from them at
+graph breaks. Other compiled functions keep their code; other instances of the same module classes recompile once.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .wrappers import unwrap_model
+
+__all__ = ["invalidate_compiled_code", "recompile_limit"]
+
+MIN_TORCH_FOR_COMPILE = "2.11"
+
+
+def recompile_limit() -> int:
+    """
+    How many graphs Dynamo keeps for one code object before it silently runs the code eagerly:
+    `torch._dynamo.config.recompile_limit`, named `cache_size_limit` before torch 2.7.
+    """
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise NotImplementedError(
+        f"torch {torch.__version__} has neither torch._dynamo.config.recompile_limit nor cache_size_limit, so "
+        f"hf_layer_freeze cannot bound the recompiles of a compiled model. Use torch >= {MIN_TORCH_FOR_COMPILE}, or "
+        "train the model uncompiled."
+    )
+
+
+def _module_codes(model: nn.Module) -> Iterator[types.CodeType]:
+    """The code of each distinct `forward` among the modules of `model`."""
+    seen: set[int] = set()
+    for module in unwrap_model(model).modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if code is not None and id(code) not in seen:
+            seen.add(id(code))
+            yield code
+
+
+def _resume_codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """The resume functions Dynamo generated from `code` at graph breaks (and from those, recursively)."""
+    from torch._dynamo import resume_execution
+
+    cache = getattr(getattr(resume_execution, "ContinueExecutionCache", None), "cache", None)
+    if cache is None or code not in cache:
+        return
+    for resumed in list(cache[code].values()):
+        if isinstance(resumed, types.CodeType):
+            yield resumed
+            yield from _resume_codes(resumed)
+
+
+def invalidate_compiled_code(model: nn.Module) -> int:
+    """
+    Drop the graphs Dynamo compiled for `model`'s code, so that its next call traces the model as it is now (with
+    its new frozen set: a backward without the frozen gradients). Returns how many code objects had graphs.
+
+    A no-op for a model that was never compiled.
+    """
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    dropped = 0
+    for top in _module_codes(model):
+        for code in (top, *_resume_codes(top)):
+            if _debug_get_cache_entry_list(code):
+                torch._dynamo.reset_code(code)
+                dropped += 1
+    return dropped
