@@ -13,7 +13,7 @@ MIN_VENV := .venv-min
 # The version-sensitive tests: compile, DDP internals and multi-process training, the Trainer callback, resume,
 # gradient checkpointing. (The examples' tests need the examples' extras, which pin no floor of the package.)
 MIN_TESTS := tests/test_compile.py tests/test_multiprocess.py tests/test_callback.py tests/test_accelerate.py \
-	tests/test_checkpointing.py tests/test_freezing.py tests/test_units.py tests/test_options.py
+	tests/test_checkpointing.py tests/test_freezing.py tests/test_units.py tests/test_options.py tests/test_adaptive.py
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_end_to_end.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_options.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp_comm.py
+	$(BIN)/python benchmarks/bench_accuracy.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info

@@ -56,7 +56,13 @@ class Config:
     """One model with a prefix frozen by LayerFreezer, ready to step."""
 
     def __init__(
-        self, base: torch.nn.Module, fraction: float, args, attach_freezer: bool = True, freeze_start: float = 0.0
+        self,
+        base: torch.nn.Module,
+        fraction: float,
+        args,
+        attach_freezer: bool = True,
+        freeze_start: float = 0.0,
+        schedule: str = "linear",
     ):
         self.fraction = fraction
         self.model = copy.deepcopy(base).to(args.device)
@@ -67,7 +73,9 @@ class Config:
         self.freezer = None
         self.frozen_units = 0
         if attach_freezer:
-            self.freezer = LayerFreezer(self.model, self.optimizer, freeze_start=freeze_start, freeze_level=1.0)
+            self.freezer = LayerFreezer(
+                self.model, self.optimizer, freeze_start=freeze_start, freeze_level=1.0, schedule=schedule
+            )
             self.frozen_units = num_units_to_freeze(fraction, self.freezer.num_units)
             self.freezer.freeze_units(self.frozen_units)
         self.args = args
@@ -138,10 +146,25 @@ def bench_model(name: str, args) -> dict:
     memory = [saved_bytes(c, x, y) for c in configs]
     medians = time_interleaved(configs, x, y, args.repeats, args.warmup)
 
-    # Overhead: an attached freezer with nothing frozen, against no freezer at all.
+    # Overhead: an attached freezer with nothing frozen, against no freezer at all; and the adaptive schedule's
+    # gradient-norm tracking (an optimizer step pre-hook), which runs at every step.
     plain = Config(base, 0.0, args, attach_freezer=False)
     attached = Config(base, 0.0, args)
-    plain_t, attached_t = time_interleaved([plain, attached], x, y, args.repeats, args.warmup)
+    adaptive = Config(base, 0.0, args, schedule="adaptive")
+    plain_t, attached_t, adaptive_t = time_interleaved([plain, attached, adaptive], x, y, args.repeats, args.warmup)
+    # The tracking itself, timed alone on real gradients (the step-time difference above is within the noise).
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+        loss = torch.nn.functional.cross_entropy(adaptive.model(x), y)
+    loss.backward()
+    tracking = []
+    for _ in range(args.repeats):
+        synchronize(args.device)
+        start = time.perf_counter()
+        adaptive.freezer.gradient_norms._record(adaptive.optimizer, (), {})
+        synchronize(args.device)
+        tracking.append(time.perf_counter() - start)
+    adaptive.optimizer.zero_grad(set_to_none=True)
+    tracking_t = statistics.median(tracking)
 
     rows = []
     for config, step_flop, mem, median in zip(configs, flops, memory, medians, strict=True):
@@ -171,6 +194,10 @@ def bench_model(name: str, args) -> dict:
             "no_freezer_ms": plain_t * 1e3,
             "freezer_attached_ms": attached_t * 1e3,
             "overhead": attached_t / plain_t - 1,
+            "adaptive_attached_ms": adaptive_t * 1e3,
+            "adaptive_overhead": adaptive_t / plain_t - 1,
+            "gradient_norm_tracking_ms": tracking_t * 1e3,
+            "gradient_norm_tracking_share": tracking_t / plain_t,
         },
     }
 
@@ -236,22 +263,8 @@ def markdown_compiled(results: list[dict]) -> str:
 
 
 def plot_compiled(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
-    for axis, result in zip(axes[0], results, strict=True):
-        fractions = [r["fraction"] for r in result["rows"]]
-        axis.plot(fractions, [r["eager_ms"] for r in result["rows"]], "o-", label="eager")
-        axis.plot(fractions, [r["compiled_ms"] for r in result["rows"]], "o-", label="compiled")
-        axis.set(title=result["model"], xlabel="fraction of units frozen", ylabel="step (ms)", ylim=(0, None))
-        axis.grid(alpha=0.3)
-        axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = [("eager_ms", "eager", "o-"), ("compiled_ms", "compiled", "o-")]
+    plot_rows(results, path, series, ylabel="step (ms)", ylim=(0, None))
 
 
 def markdown(results: list[dict]) -> str:
@@ -270,17 +283,28 @@ def markdown(results: list[dict]) -> str:
                 f"| {r['forward_flops_frozen']:.0%} | {r['params_frozen']:.0%} | {r['saved_for_backward_mb']:.1f} |"
             )
     lines.append("")
-    lines.append("| model | step, no freezer (ms) | step, freezer attached, nothing frozen (ms) | overhead |")
-    lines.append("|---|---:|---:|---:|")
+    lines.append(
+        "| model | step, no freezer (ms) | freezer attached, nothing frozen (ms) | overhead "
+        "| adaptive schedule attached (ms) | overhead | its gradient-norm tracking alone (ms, share of step) |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for result in results:
         o = result["overhead"]
         lines.append(
-            f"| {result['model']} | {o['no_freezer_ms']:.1f} | {o['freezer_attached_ms']:.1f} | {o['overhead']:+.1%} |"
+            f"| {result['model']} | {o['no_freezer_ms']:.1f} | {o['freezer_attached_ms']:.1f} | {o['overhead']:+.1%} "
+            f"| {o['adaptive_attached_ms']:.1f} | {o['adaptive_overhead']:+.1%} "
+            f"| {o['gradient_norm_tracking_ms']:.2f} ({o['gradient_norm_tracking_share']:.2%}) |"
         )
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
+    series = [("ideal_speedup", "FLOP ideal", "o--"), ("measured_speedup", "measured", "o-")]
+    plot_rows(results, path, series, ylabel="step speedup")
+
+
+def plot_rows(results: list[dict], path: Path, series: list[tuple[str, str, str]], ylabel: str, ylim=None) -> None:
+    """One panel per model: each (row key, label, line style) of `series` against the frozen fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,9 +313,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
     for axis, result in zip(axes[0], results, strict=True):
         fractions = [r["fraction"] for r in result["rows"]]
-        axis.plot(fractions, [r["ideal_speedup"] for r in result["rows"]], "o--", label="FLOP ideal")
-        axis.plot(fractions, [r["measured_speedup"] for r in result["rows"]], "o-", label="measured")
-        axis.set(title=result["model"], xlabel="fraction of units frozen", ylabel="step speedup")
+        for key, label, style in series:
+            axis.plot(fractions, [r[key] for r in result["rows"]], style, label=label)
+        axis.set(title=result["model"], xlabel="fraction of units frozen", ylabel=ylabel, ylim=ylim)
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()

@@ -3,10 +3,12 @@
 
     accelerate launch examples/train_timm.py                 # embedded digits, resnet10t, freezing on
     accelerate launch examples/train_timm.py --compare       # with and without freezing: table, JSON, figure
-    accelerate launch --num_processes 2 examples/train_timm.py --mixed-precision bf16
+    accelerate launch --multi_gpu --num_processes 2 examples/train_timm.py --mixed-precision bf16
+    accelerate launch examples/train_timm.py --schedule adaptive --freeze-start 0.1   # freeze what has settled
 
 The freezing itself is three lines (see `LayerFreezer` below): build it after `accelerator.prepare`, register it
-for checkpointing, and call `freezer.update(progress)` at the end of each epoch.
+for checkpointing, and call `freezer.update(progress)` at the end of each epoch (with `--schedule adaptive`, at
+every step: it checks every `--check-every` steps).
 """
 
 from __future__ import annotations
@@ -49,20 +51,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--weight-decay", type=float, default=0.05)
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16", "fp8"])
+    data.add_argument("--augment", action="store_true", help="random affine jitter of training images")
     freezing = parser.add_argument_group("freezing")
     freezing.add_argument("--freeze-start", type=float, default=0.5, help="fraction of training, in [0, 1)")
     freezing.add_argument("--freeze-level", type=float, default=1.0, help="fraction frozen at the end, in [0, 1]")
+    freezing.add_argument(
+        "--schedule",
+        default="linear",
+        choices=["linear", "adaptive"],
+        help="linear (the method card's) or adaptive (freeze units once their gradient norm settles)",
+    )
+    freezing.add_argument("--check-every", type=int, default=20, help="adaptive: optimizer steps between checks")
     freezing.add_argument("--no-freeze", action="store_true", help="train without freezing (the baseline)")
     freezing.add_argument("--compare", action="store_true", help="train without, then with freezing; compare")
     parser.add_argument("--output-dir", default="outputs/train_timm")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("epochs", "batch_size", "image_size", "max_steps", "max_train_samples",
-                                  "max_eval_samples", "lr"))  # fmt: skip
+                                  "max_eval_samples", "lr", "check_every"))  # fmt: skip
     check_freezing(parser, args)
     check_model_name(parser, args.model)
     if args.compare and args.no_freeze:
         parser.error("--compare already runs the baseline; drop --no-freeze")
     return args
+
+
+_JITTER = None
+
+
+def augmented_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """`collate`, with each training image shifted, rotated and scaled a little (digits must not be flipped)."""
+    global _JITTER
+    if _JITTER is None:
+        from torchvision.transforms import v2
+
+        _JITTER = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    batch = collate(examples)
+    batch["pixel_values"] = torch.stack([_JITTER(image) for image in batch["pixel_values"]])
+    return batch
 
 
 def create_model(name: str, num_classes: int, image_size: int, pretrained: bool) -> torch.nn.Module:
@@ -93,8 +118,9 @@ def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
     if args.max_eval_samples:
         test_set = test_set.select(range(min(args.max_eval_samples, len(test_set))))
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True
-    )
+        train_set, batch_size=args.batch_size, shuffle=True, collate_fn=augmented_collate if args.augment else collate,
+        drop_last=True,
+    )  # fmt: skip
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, collate_fn=collate)
     model = create_model(args.model, data.num_classes, args.image_size, args.pretrained)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -113,7 +139,10 @@ def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
 
     freezer = None
     if freeze:
-        freezer = LayerFreezer(model, optimizer, freeze_start=args.freeze_start, freeze_level=args.freeze_level)
+        freezer = LayerFreezer(
+            model, optimizer, freeze_start=args.freeze_start, freeze_level=args.freeze_level, schedule=args.schedule,
+            check_every=args.check_every,
+        )  # fmt: skip
         accelerator.register_for_checkpointing(freezer)
 
     curve = [{"epoch": 0, "step": 0, "train_time_s": 0.0, "fraction": 0.0, "frozen_units": 0}]
@@ -140,6 +169,8 @@ def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             images += batch["labels"].shape[0] * accelerator.num_processes
+            if freezer is not None and args.schedule == "adaptive":
+                freezer.update(step / total_steps)  # checks every --check-every steps
             bar.update(1)
             if step % 5 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", frozen=f"{freezer.fraction if freezer else 0:.0%}")

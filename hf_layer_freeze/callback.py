@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 import weakref
 from typing import Any
@@ -58,6 +59,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
             `None` or a positive integer. With `TrainingArguments(torch_compile=True)` the callback bounds the
             freeze events itself, as `LayerFreezer` does for a compiled model (3 at Dynamo's default limit of 8).
+        schedule, check_every, change_threshold:
+            As in [`LayerFreezer`]: `schedule="adaptive"` freezes the prefix of units whose gradient norm has settled,
+            checked every `check_every` optimizer steps (whatever `freeze_every` says); its history is saved with each
+            checkpoint, and the criterion is logged as `layer_freeze/grad_norm_change_*`.
         keep_frozen (`bool`, *optional*, defaults to `False`):
             At the end of training the model is given back as it was given: frozen parameters require gradients
             again and are back in the optimizer (`LayerFreezer.unfreeze`), so a second `trainer.train()` trains the
@@ -90,6 +95,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         freeze_batchnorm: bool = False,
         max_freeze_events: int | None = None,
         keep_frozen: bool = False,
+        schedule: str = "linear",
+        check_every: int = 20,
+        change_threshold: float = 1.0,
     ) -> None:
         self.options = FreezeOptions(
             freeze_start=freeze_start,
@@ -99,6 +107,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             budget=budget,
             freeze_batchnorm=freeze_batchnorm,
             max_freeze_events=max_freeze_events,
+            schedule=schedule,
+            check_every=check_every,
+            change_threshold=change_threshold,
         )
         self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
         if not isinstance(keep_frozen, bool):
@@ -110,6 +121,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # The count a checkpoint recorded, set by the Trainer when `restore_callback_states_from_checkpoint=True`
         # rebuilds this callback from the checkpoint's state; otherwise read from `state.stateful_callbacks`.
         self.saved_frozen_units: int | None = None
+        # schedule="adaptive": the gradient-norm history a checkpoint recorded (set like `saved_frozen_units`).
+        self.saved_gradient_norms: dict[str, Any] | None = None
 
     @property
     def freeze_start(self) -> float:
@@ -123,8 +136,13 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         return {
             "args": {**self.options.to_dict(), "freeze_every": self.freeze_every, "keep_frozen": self.keep_frozen},
-            "attributes": {"saved_frozen_units": self.frozen_units},
+            "attributes": {"saved_frozen_units": self.frozen_units, "saved_gradient_norms": self._gradient_norms()},
         }
+
+    def _gradient_norms(self) -> dict[str, Any] | None:
+        if self.freezer is not None and self.freezer.gradient_norms is not None:
+            return self.freezer.gradient_norms.state_dict()
+        return self.saved_gradient_norms
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         handler = self._run_before_other_callbacks()
@@ -157,6 +175,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:
             self._warn_if_options_changed_since_checkpoint(state)
         self.freezer.freeze_units(self._units_at_resume(state))
+        if self.freezer.gradient_norms is not None and state.global_step > 0:
+            saved = self.saved_gradient_norms
+            if saved is None:
+                saved = (self._saved_state(state) or {}).get("attributes", {}).get("saved_gradient_norms")
+            if saved is not None:  # the adaptive schedule's history: the next check compares as it would have
+                self.freezer.gradient_norms.load_state_dict(saved)
         for given in self._replaced:
             given.freezer = self.freezer
 
@@ -177,7 +201,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # The step that completes an epoch (the Trainer's `state.epoch` is then whole) freezes here rather than in
         # on_epoch_end, which comes after this step's log and checkpoint: the log at this step shows the freeze
         # (the Trainer drops a second log at the same step) and the checkpoint holds it.
-        if self.freeze_every == "step" or (state.epoch is not None and float(state.epoch).is_integer()):
+        adaptive = self.options.schedule == "adaptive"  # checks every `check_every` steps, whatever the epochs
+        if adaptive or self.freeze_every == "step" or (state.epoch is not None and float(state.epoch).is_integer()):
             self._update(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -206,11 +231,18 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if self.freezer is None:
             return {}
         result = self.freezer.result()
-        return {
+        metrics = {
             "layer_freeze/fraction": result.fraction,
             "layer_freeze/frozen_units": self.frozen_units,
             "layer_freeze/frozen_params": result.frozen_params,
         }
+        changes = self.freezer.gradient_norms.last_changes if self.freezer.gradient_norms is not None else []
+        if changes:  # schedule="adaptive": the criterion at the last check
+            finite = sorted(c for c in changes if math.isfinite(c))
+            metrics["layer_freeze/grad_norm_change_first_trainable"] = changes[0]
+            if finite:
+                metrics["layer_freeze/grad_norm_change_median"] = finite[len(finite) // 2]
+        return metrics
 
     def _update(self, state: TrainerState, control: TrainerControl) -> None:
         if self.freezer is None:
@@ -225,7 +257,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """With `freeze_every="epoch"`, a run of few epochs freezes at few epoch ends, or at none (a `max_steps`
         shorter than an epoch): say so before training, with the next step."""
         epochs = state.num_train_epochs
-        if self.freeze_every != "epoch" or not epochs or self.options.freeze_level == 0:
+        adaptive = self.options.schedule == "adaptive"
+        if adaptive or self.freeze_every != "epoch" or not epochs or self.options.freeze_level == 0:
             return
         freezing_epoch_ends = sum(1 for e in range(1, int(epochs)) if e / epochs > self.options.freeze_start)
         if freezing_epoch_ends < 2:
@@ -246,6 +279,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """How many units were frozen at the step training (re)starts from."""
         if state.global_step == 0:
             return 0
+        if self.options.schedule == "adaptive":  # no schedule to recompute: only the checkpoint knows
+            saved = self.saved_frozen_units if self.saved_frozen_units is not None else self._saved_count(state)
+            return saved or 0
         if self.options.budget == "flops" and not self.freezer.profiled:
             from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
         else:

@@ -11,13 +11,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .adaptive import GradientNormTracker
 from .checkpointing import CheckpointInputGrads
 from .compiled import invalidate_compiled_code, recompile_limit
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .options import FreezeOptions
 from .param_groups import freeze_parameters, frozen_param_groups
 from .profiling import UnitProfile, profile_units
-from .schedule import bounded_unit_count, freeze_fraction, num_units_for_budget, num_units_to_freeze
+from .schedule import (
+    bounded_unit_count,
+    freeze_fraction,
+    num_units_for_budget,
+    num_units_to_freeze,
+    relative_changes,
+    settled_prefix,
+    validate_progress,
+)
 from .units import FreezableUnit, freezable_units
 from .wrappers import is_compiled, unwrap_model
 
@@ -133,6 +142,18 @@ class LayerFreezer:
             At most this many distinct freeze events (the unit count is rounded down to evenly spaced levels).
             Unbounded by default, except for a compiled model: each event recompiles it, so the default keeps it
             within `torch._dynamo.config.recompile_limit`.
+        schedule (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: the method card's, by the clock. `"adaptive"`: freeze a unit once its training has settled.
+            Every `check_every` optimizer steps the mean gradient norm of each unit over the interval is compared
+            with the previous interval's; the longest prefix of trainable units whose relative change is at most
+            `change_threshold` times the median change of all trainable units is frozen (see
+            `schedule.settled_prefix`). Never before `freeze_start`, never beyond `freeze_level`, always a prefix,
+            never unfreezing. The gradient norms are read by a step pre-hook on the optimizer; `update(progress)`
+            makes the checks, so call it every step (the callback does).
+        check_every (`int`, *optional*, defaults to 20):
+            `schedule="adaptive"`: optimizer steps between two checks.
+        change_threshold (`float`, *optional*, defaults to 1.0):
+            `schedule="adaptive"`: a unit has settled when its relative change is at most this times the median.
 
     Example:
 
@@ -171,6 +192,9 @@ class LayerFreezer:
         budget: str = "units",
         freeze_batchnorm: bool = False,
         max_freeze_events: int | None = None,
+        schedule: str = "linear",
+        check_every: int = 20,
+        change_threshold: float = 1.0,
     ) -> None:
         options = FreezeOptions(
             freeze_start=freeze_start,
@@ -180,6 +204,9 @@ class LayerFreezer:
             budget=budget,
             freeze_batchnorm=freeze_batchnorm,
             max_freeze_events=max_freeze_events,
+            schedule=schedule,
+            check_every=check_every,
+            change_threshold=change_threshold,
         )
         self.options = options
         self.freeze_start, self.freeze_level = options.freeze_start, options.freeze_level
@@ -228,6 +255,9 @@ class LayerFreezer:
         ):
             self.frozen_units += 1
         self._already_frozen_units = self.frozen_units
+        self.gradient_norms: GradientNormTracker | None = None
+        if options.schedule == "adaptive":
+            self.gradient_norms = GradientNormTracker(optimizer, lambda: self.units)
         if self.frozen_units:
             logger.info(
                 "%d of %d units were frozen before this LayerFreezer was built: they count as frozen "
@@ -288,6 +318,8 @@ class LayerFreezer:
         """
         self._ddp_sync.close()
         self._checkpoint_input_grads.close()
+        if self.gradient_norms is not None:
+            self.gradient_norms.close()
         if self._profile_hook is not None:
             self._profile_hook.remove()
             self._profile_hook = None
@@ -372,6 +404,8 @@ class LayerFreezer:
                     f"{tuple(progress.shape)} and dtype {progress.dtype}"
                 )
             progress = progress.item()
+        if self.options.schedule == "adaptive":
+            return self._update_adaptive(validate_progress(progress))
         fraction = freeze_fraction(progress, self.freeze_start, self.freeze_level)
         if self.budget == "flops" and not self.profiled:
             raise RuntimeError(
@@ -381,6 +415,25 @@ class LayerFreezer:
         self.fraction = max(self.fraction, fraction)
         # With order="execution" before the first forward, freeze_units records the count and applies it there.
         return self.freeze_units(self.num_units_at(progress))
+
+    def _update_adaptive(self, progress: float) -> FreezeResult:
+        """Every `check_every` steps: freeze the settled prefix of the trainable units (after `freeze_start`)."""
+        tracker = self.gradient_norms
+        if tracker.steps < self.options.check_every:
+            return self.result()
+        means = tracker.interval_means()
+        previous, tracker.previous = tracker.previous, means
+        if previous is None or progress <= self.freeze_start or (self.budget == "flops" and not self.profiled):
+            return self.result()
+        first = self.frozen_units
+        tracker.last_changes = relative_changes(previous[first:], means[first:])
+        level = self._count_for_fraction(self.freeze_level)
+        count = min(first + settled_prefix(tracker.last_changes, self.options.change_threshold), level)
+        if self.max_freeze_events is not None:
+            count = max(first, bounded_unit_count(count, level, self.max_freeze_events))
+        result = self.freeze_units(max(first, count))
+        self.fraction = max(self.fraction, self.frozen_units / self.num_units)
+        return self.result(newly_frozen_units=result.newly_frozen_units)
 
     def freeze_units(self, count: int) -> FreezeResult:
         """
@@ -454,12 +507,16 @@ class LayerFreezer:
 
     # Checkpointing through `accelerator.register_for_checkpointing`.
     def state_dict(self) -> dict[str, Any]:
-        """The freezer's progress: how many units are frozen (or waiting to be) and the fraction reached."""
-        return {
+        """The freezer's progress: how many units are frozen (or waiting to be), the fraction reached, and for the
+        adaptive schedule the gradient-norm history its next check compares with."""
+        state = {
             "frozen_units": max(self.frozen_units, self._pending_count or 0),
             "fraction": self.fraction,
             "num_units": self.num_units,
         }
+        if self.gradient_norms is not None:
+            state["gradient_norms"] = self.gradient_norms.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes)."""
@@ -470,3 +527,5 @@ class LayerFreezer:
             )
         self.freeze_units(int(state_dict["frozen_units"]))
         self.fraction = max(self.fraction, float(state_dict.get("fraction", 0.0)))
+        if self.gradient_norms is not None and state_dict.get("gradient_norms") is not None:
+            self.gradient_norms.load_state_dict(state_dict["gradient_norms"])

@@ -6,13 +6,15 @@ Pure Python (no torch), and JSON-safe values only, so the callback can be saved 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
 
-__all__ = ["BUDGETS", "GRANULARITIES", "ORDERS", "FreezeOptions"]
+__all__ = ["BUDGETS", "GRANULARITIES", "ORDERS", "SCHEDULES", "FreezeOptions"]
 
+SCHEDULES = ("linear", "adaptive")
 ORDERS = ("definition", "execution")
 GRANULARITIES = ("module", "block")
 BUDGETS = ("units", "params", "flops")
@@ -47,6 +49,9 @@ class FreezeOptions:
     budget: str = "units"
     freeze_batchnorm: bool = False
     max_freeze_events: int | None = None
+    schedule: str = "linear"
+    check_every: int = 20
+    change_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalize ints to floats through object.__setattr__
@@ -57,6 +62,14 @@ class FreezeOptions:
         validate_choice("budget", self.budget, BUDGETS)
         if not isinstance(self.freeze_batchnorm, bool):
             raise ValueError(f"freeze_batchnorm must be True or False, got {self.freeze_batchnorm!r}")
+        validate_choice("schedule", self.schedule, SCHEDULES)
+        every = self.check_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"check_every must be an integer >= 1 (optimizer steps between checks), got {every!r}")
+        threshold = self.change_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
+            raise ValueError(f"change_threshold must be a positive number, got {threshold!r}")
+        object.__setattr__(self, "change_threshold", float(threshold))
         events = self.max_freeze_events
         if events is not None and (isinstance(events, bool) or not isinstance(events, int) or events < 1):
             raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {events!r}")

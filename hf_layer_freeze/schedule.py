@@ -7,6 +7,7 @@ Keeping this layer free of torch makes it trivially testable and lets tools (pla
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "freeze_fraction",
     "num_units_for_budget",
     "num_units_to_freeze",
+    "relative_changes",
+    "settled_prefix",
     "validate_choice",
     "validate_freeze_level",
     "validate_freeze_start",
@@ -165,3 +168,63 @@ def bounded_unit_count(count: int, final_count: int, max_freeze_events: int | No
         return count
     levels = [final_count * i // max_freeze_events for i in range(1, max_freeze_events + 1)]
     return max((level for level in levels if level <= count), default=0)
+
+
+def relative_changes(previous: Sequence[float], current: Sequence[float]) -> list[float]:
+    """
+    `|current - previous| / previous` for each unit: how much its gradient norm moved between two checks. 0 for a
+    unit whose gradient was zero both times (it is not moving); infinite where a zero or non-finite value leaves no
+    ratio.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import relative_changes
+    >>> relative_changes([2.0, 4.0, 0.0, 0.0], [1.0, 5.0, 1.0, 0.0])
+    [0.5, 0.25, inf, 0.0]
+
+    ```
+    """
+    if len(previous) != len(current):
+        raise ValueError(f"previous and current must have the same length, got {len(previous)} and {len(current)}")
+    changes = []
+    for before, now in zip(previous, current, strict=True):
+        if before == 0 and now == 0:
+            changes.append(0.0)
+            continue
+        usable = before > 0 and math.isfinite(before) and math.isfinite(now)
+        changes.append(abs(now - before) / before if usable else math.inf)
+    return changes
+
+
+def settled_prefix(changes: Sequence[float], threshold: float = 1.0) -> int:
+    """
+    How many leading units have settled: the longest prefix whose relative changes are all at most `threshold`
+    times the median change of all the units given (the trainable ones). Dividing by the median takes out what moves
+    every layer's gradient norm together (the learning-rate schedule, the loss going down), leaving how settled a
+    unit is compared with the rest of the network: the rule of AutoFreeze's percentile threshold.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import settled_prefix
+    >>> settled_prefix([0.05, 0.1, 0.6, 0.02, 0.4, 0.5])  # median 0.25: the third unit has not settled
+    2
+    >>> settled_prefix([0.3, 0.1, 0.2], threshold=0.5)  # 0.3 > 0.5 * 0.2
+    0
+
+    ```
+    """
+    if not _is_number(threshold) or not threshold > 0:
+        raise ValueError(f"threshold must be a positive number, got {threshold!r}")
+    finite = sorted(c for c in changes if math.isfinite(c))
+    if not finite:
+        return 0
+    middle = len(finite) // 2
+    median = finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
+    count = 0
+    for change in changes:
+        if not change <= threshold * median:  # also stops at inf and nan
+            break
+        count += 1
+    return count

@@ -148,6 +148,12 @@ RESUME_CASES = {
         dict(freeze_start=0.2, order="execution", budget="flops", freeze_batchnorm=True),
         10,
     ),
+    # the adaptive schedule's gradient-norm history travels in trainer_state.json; 10 is mid-interval (checks every 3)
+    "adaptive-schedule": (
+        dict(max_steps=14, save_strategy="steps", save_steps=5),
+        dict(freeze_start=0.2, freeze_level=0.5, schedule="adaptive", check_every=3),
+        10,
+    ),
     "block-granularity-params-budget": (
         dict(num_train_epochs=4, save_strategy="epoch"),
         dict(freeze_start=0.25, granularity="block", budget="params"),
@@ -159,13 +165,15 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_mid_freeze_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, case):
     overrides, callback_kwargs, resume_step = RESUME_CASES[case]
+    full_callback = LayerFreezingCallback(**callback_kwargs)
     full = Trainer(
         model=_model(),
         args=_args(tmp_path / "full", **overrides),
         train_dataset=RandomImages(64),
-        callbacks=[LayerFreezingCallback(**callback_kwargs)],
+        callbacks=[full_callback],
     )
     full.train()
+    assert full_callback.frozen_units > 0  # the run froze something for the resumed one to reproduce
     checkpoint = tmp_path / "full" / f"checkpoint-{resume_step}"
     assert checkpoint.is_dir()
 

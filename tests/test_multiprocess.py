@@ -97,6 +97,8 @@ def test_accelerate_ddp_stays_correct_and_all_reduces_only_trainable_parameters(
 TRAINER_CASES = {
     "fp32": [],
     "find_unused_bf16_accumulation": ["--find-unused-parameters", "--bf16", "--grad-accum", "2"],
+    # every rank takes the adaptive schedule's decision at the same step (gradient norms all-reduced at each check)
+    "adaptive_schedule": ["--schedule", "adaptive"],
 }
 
 
@@ -111,6 +113,7 @@ def test_trainer_callback_finds_the_ddp_wrapper_and_keeps_ranks_identical(tmp_pa
         # the user's comm hook survived every reducer rebuild and saw exactly the trainable elements
         assert all(r["allreduced"] == r["trainable"] for r in result["records"]), result["records"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert [r["frozen_units"] for r in ranks[0]["records"]] == [r["frozen_units"] for r in ranks[1]["records"]]
 
 
 def _trainer_resumes_multi_process_cpu_runs() -> bool:
@@ -128,8 +131,8 @@ def _trainer_resumes_multi_process_cpu_runs() -> bool:
 )
 @pytest.mark.parametrize(
     "options",
-    [[], ["--order", "execution", "--budget", "flops"]],
-    ids=["defaults", "execution-order-flops-budget"],
+    [[], ["--order", "execution", "--budget", "flops"], ["--schedule", "adaptive"]],
+    ids=["defaults", "execution-order-flops-budget", "adaptive-schedule"],
 )
 def test_trainer_ddp_resume_mid_freeze_equals_uninterrupted_run(tmp_path, options):
     common = ["--save-steps", "5", "--freeze-every", "epoch", "--samples", "64", *options]

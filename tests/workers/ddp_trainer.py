@@ -86,12 +86,20 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--order", default="definition")
     parser.add_argument("--budget", default="units")
+    parser.add_argument("--schedule", default="linear")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
+    adaptive = dict(check_every=2) if args.schedule == "adaptive" else {}
     freezing = LayerFreezingCallback(
-        freeze_start=0.2, freeze_level=1.0, freeze_every=args.freeze_every, order=args.order, budget=args.budget
+        freeze_start=0.2,
+        freeze_level=1.0,
+        freeze_every=args.freeze_every,
+        order=args.order,
+        budget=args.budget,
+        schedule=args.schedule,
+        **adaptive,
     )
     check = RankCheck(freezing)
     training_args = TrainingArguments(

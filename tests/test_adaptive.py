@@ -1,0 +1,157 @@
+"""schedule="adaptive": freeze the prefix of units whose gradient norm has settled, with the linear schedule's
+guarantees (a prefix, never before freeze_start, never beyond freeze_level, never unfreezing, bounded events,
+bitwise resume)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from helpers import RandomImages, tiny_timm
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, Trainer, TrainingArguments
+
+from hf_layer_freeze import FreezeOptions, LayerFreezer, LayerFreezingCallback
+
+
+def _is_prefix(freezer: LayerFreezer) -> bool:
+    states = [not any(p.requires_grad for p in unit.parameters) for unit in freezer.units]
+    k = freezer.frozen_units
+    return states == [True] * k + [False] * (len(states) - k)
+
+
+def test_constant_gradients_freeze_at_the_first_check_after_warm_up_up_to_the_level():
+    """With the same batch and a zero learning rate every gradient norm repeats exactly: every unit has settled,
+    so the first check after freeze_start freezes up to freeze_level, and not one unit more."""
+    model = tiny_timm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    freezer = LayerFreezer(model, optimizer, freeze_start=0.5, freeze_level=0.5, schedule="adaptive", check_every=10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    counts = []
+    for step in range(1, 101):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(freezer.update(step / 100).frozen_units)
+        assert _is_prefix(freezer)
+    assert counts[:59] == [0] * 59  # checks at 10, ..., 50 are before freeze_start; 60 is the first after it
+    assert counts[59:] == [14] * 41  # freeze_level 0.5 of 28 units, never beyond
+    assert freezer.gradient_norms.last_changes and max(freezer.gradient_norms.last_changes) == 0.0
+
+
+def test_noisy_training_freezes_a_growing_prefix_within_the_event_bound():
+    set_seed(0)
+    model = tiny_timm()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    freezer = LayerFreezer(
+        model, optimizer, freeze_start=0.1, schedule="adaptive", check_every=2, change_threshold=2.0,
+        max_freeze_events=3,
+    )  # fmt: skip
+    data = RandomImages(64)
+    counts = []
+    for step in range(1, 61):
+        batch = [data[(4 * step + i) % len(data)] for i in range(4)]
+        x = torch.stack([b["pixel_values"] for b in batch])
+        y = torch.stack([b["labels"] for b in batch])
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(freezer.update(step / 60).frozen_units)
+        assert _is_prefix(freezer)
+    assert counts == sorted(counts)  # never unfreezes
+    assert counts[5] == 0  # warm-up: nothing before progress 0.1
+    assert set(counts) <= {0, 9, 18, 28} and len(set(counts)) >= 2  # the levels of 3 events, and some freezing
+    assert all(p.requires_grad for p in model.get_classifier().parameters())
+
+
+def _accelerate_run(steps: range, state, save_at=None, path=None):
+    accelerator, model, optimizer, loader, freezer = state
+    history = []
+    step = steps.start
+    while step < steps.stop:
+        for batch in loader:
+            if step >= steps.stop:
+                break
+            loss = torch.nn.functional.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            history.append(freezer.update(step / 24).frozen_units)
+            if step == save_at:
+                accelerator.save_state(path)
+    return history
+
+
+def _accelerate_setup(skip_batches: int = 0):
+    set_seed(0)
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    model = tiny_timm("resnet10t")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(RandomImages(96), batch_size=4, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    freezer = LayerFreezer(
+        model, optimizer, freeze_start=0.2, schedule="adaptive", check_every=3, change_threshold=2.0
+    )
+    accelerator.register_for_checkpointing(freezer)
+    if skip_batches:
+        loader = accelerator.skip_first_batches(loader, skip_batches)
+    return accelerator, model, optimizer, loader, freezer
+
+
+def test_accelerate_resume_mid_interval_decides_and_ends_bitwise_as_the_uninterrupted_run(tmp_path):
+    full = _accelerate_setup()
+    expected = _accelerate_run(range(0, 24), full)
+    assert 0 < expected[-1] and len(set(expected)) >= 2, expected  # the run froze at several checks
+
+    first = _accelerate_setup()
+    _accelerate_run(range(0, 13), first, save_at=13, path=tmp_path / "ckpt")  # 13: mid-interval (checks every 3)
+    assert first[-1].gradient_norms.steps == 1
+    resumed = _accelerate_setup(skip_batches=13)
+    resumed[0].load_state(tmp_path / "ckpt")
+    assert resumed[-1].gradient_norms.state_dict() == first[-1].gradient_norms.state_dict()
+    history = _accelerate_run(range(13, 24), resumed)
+    assert history == expected[13:]
+    for a, b in zip(full[1].parameters(), resumed[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _trainer(tmp_path, callback, **overrides):
+    torch.manual_seed(0)
+    model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
+    args = dict(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=8, learning_rate=1e-3,
+                use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                disable_tqdm=True)  # fmt: skip
+    args.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=RandomImages(64), callbacks=[callback])
+
+
+def test_trainer_logs_the_criterion_and_saves_its_history_in_the_checkpoint(tmp_path):
+    callback = LayerFreezingCallback(freeze_start=0.2, freeze_level=0.5, schedule="adaptive", check_every=2)
+    trainer = _trainer(tmp_path, callback, save_strategy="steps", save_steps=7)
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "layer_freeze/grad_norm_change_median" in log]
+    assert logged and all("layer_freeze/grad_norm_change_first_trainable" in log for log in logged)
+    assert callback.frozen_units > 0
+    saved = json.loads((tmp_path / "checkpoint-7" / "trainer_state.json").read_text())
+    attributes = saved["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]
+    assert attributes["saved_gradient_norms"]["steps"] == 1  # checks at 2, 4, 6: step 7 is mid-interval
+    assert len(attributes["saved_gradient_norms"]["previous"]) == callback.freezer.num_units
+    assert saved["stateful_callbacks"]["LayerFreezingCallback"]["args"]["schedule"] == "adaptive"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"schedule": "auto"}, r"schedule must be one of \('linear', 'adaptive'\), got 'auto'"),
+        ({"check_every": 0}, r"check_every must be an integer >= 1 .*got 0"),
+        ({"change_threshold": 0.0}, r"change_threshold must be a positive number, got 0.0"),
+    ],
+)
+def test_adaptive_options_are_validated_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FreezeOptions(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        LayerFreezingCallback(**kwargs)
