@@ -486,3 +486,28 @@ def test_trainer_trains_transformers_text_models_with_freezing(tmp_path, name, g
     head = model.classifier if name == "bert-encoder" else model.lm_head
     assert all(p.requires_grad for p in head.parameters())
     assert watch.steps[-1][1] >= len(list(head.parameters()))
+
+
+def test_tensorboard_receives_every_freeze_at_its_own_step(tmp_path):
+    """The real reporting integration: `report_to=["tensorboard"]` writes the layer_freeze/ scalars, and the frozen
+    count it shows at each step is what that step's log said."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
+    trainer = Trainer(
+        model=_model(),
+        args=_args(tmp_path, num_train_epochs=2, logging_steps=1, report_to=["tensorboard"]),  # fmt: skip
+        train_dataset=RandomImages(64),
+        callbacks=[callback],
+    )
+    trainer.train()
+    (run,) = list(tmp_path.rglob("events.out.tfevents.*"))  # under output_dir/runs/ by default
+    events = EventAccumulator(str(run.parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/layer_freeze/frozen_units", "train/layer_freeze/fraction"} <= tags, tags
+    shown = {e.step: int(e.value) for e in events.Scalars("train/layer_freeze/frozen_units")}
+    logged = {log["step"]: log["layer_freeze/frozen_units"] for log in trainer.state.log_history if "loss" in log}
+    assert shown == logged and len(shown) == 8
+    assert len(set(shown.values())) >= 4  # the freezes, each at its own step
