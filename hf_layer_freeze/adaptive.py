@@ -5,7 +5,8 @@ sees the gradients the optimizer is about to apply, in the Trainer and in custom
 accumulation, after clipping, unscaled by a `GradScaler` (whose skipped steps it does not see). It adds each unit's
 gradient norm to a running sum on the gradients' device (one `torch._foreach_norm` per step: no host sync) and
 hands out the mean over the steps since the last check. Under `torch.distributed` the sums are all-reduced at each
-check, so every rank takes the same decision even where gradients are sharded. Its state is plain Python numbers,
+check, so every rank takes the same decision (with sharded gradients, FSDP, the summed per-shard norms are not the
+full norms: not tested, not claimed). Its state is plain Python numbers,
 so it goes into the Trainer's JSON checkpoint state and a resumed run decides exactly as the uninterrupted one.
 """
 
@@ -67,7 +68,7 @@ class GradientNormTracker:
         sums = self._sums
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sums = sums.clone()
-            dist.all_reduce(sums)  # every rank decides on the same numbers (sharded gradients: the full norm)
+            dist.all_reduce(sums)  # every rank decides on the same numbers
         means = (sums / self.steps).tolist()
         self._sums.zero_()
         self.steps = 0

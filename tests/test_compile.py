@@ -226,3 +226,13 @@ def test_max_freeze_events_bounds_distinct_frozen_sets():
     assert uncompiled.max_freeze_events is None
     with pytest.raises(ValueError, match="max_freeze_events must be None or an integer >= 1, got 0"):
         LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), max_freeze_events=0)
+
+
+def test_recompile_limit_falls_back_to_cache_size_limit_and_names_a_torch_too_old(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch._dynamo, "config", SimpleNamespace(cache_size_limit=6))  # torch before 2.7
+    assert recompile_limit() == 6
+    monkeypatch.setattr(torch._dynamo, "config", SimpleNamespace())
+    with pytest.raises(NotImplementedError, match=r"torch .* has neither .*recompile_limit.*torch >= 2.11"):
+        recompile_limit()
