@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # FLOP-ideal step cost for each frozen-unit count the schedules used.
     x, y = batches[0]
-    flops = {k: step_flops(Config(base, 0.0, args), x, y)[0] for k in [0]}
+    flops = {0: step_flops(Config(base, 0.0, args), x, y)}
     for counts in frozen.values():
         for k in set(counts) - set(flops):
             config = Config(base, 0.0, args)
             config.freezer.freeze_units(k)
-            flops[k] = step_flops(config, x, y)[0]
+            flops[k] = step_flops(config, x, y)
 
     baseline = statistics.median(times["baseline"])
     rows = []

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             config.freezer = freezer
             configs.append(config)
             labels.append(", ".join(f"{k}={v}" for k, v in options.items()) + f", f={fraction}")
-        flops = [step_flops(c, x, y)[0] for c in configs]
+        flops = [step_flops(c, x, y) for c in configs]
         medians = time_interleaved(configs, x, y, args.repeats, args.warmup)
         for label, config, flop, median in zip(labels, configs, flops, medians, strict=True):
             if config.freezer is None:

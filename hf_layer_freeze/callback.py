@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import statistics
 import warnings
 import weakref
 from typing import Any
@@ -238,10 +239,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         }
         changes = self.freezer.gradient_norms.last_changes if self.freezer.gradient_norms is not None else []
         if changes:  # schedule="adaptive": the criterion at the last check
-            finite = sorted(c for c in changes if math.isfinite(c))
-            metrics["layer_freeze/grad_norm_change_first_trainable"] = changes[0]
-            if finite:
-                metrics["layer_freeze/grad_norm_change_median"] = finite[len(finite) // 2]
+            finite = [c for c in changes if math.isfinite(c)]
+            if math.isfinite(changes[0]):  # trackers refuse infinities
+                metrics["layer_freeze/grad_norm_change_first_trainable"] = changes[0]
+            if finite:  # the median the criterion compares with
+                metrics["layer_freeze/grad_norm_change_median"] = statistics.median(finite)
         return metrics
 
     def _update(self, state: TrainerState, control: TrainerControl) -> None:
