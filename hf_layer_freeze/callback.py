@@ -177,9 +177,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             self._warn_if_options_changed_since_checkpoint(state)
         self.freezer.freeze_units(self._units_at_resume(state))
         if self.freezer.gradient_norms is not None and state.global_step > 0:
-            saved = self.saved_gradient_norms
-            if saved is None:
-                saved = (self._saved_state(state) or {}).get("attributes", {}).get("saved_gradient_norms")
+            saved = self._saved_attribute(state, "saved_gradient_norms")
             if saved is not None:  # the adaptive schedule's history: the next check compares as it would have
                 self.freezer.gradient_norms.load_state_dict(saved)
         for given in self._replaced:
@@ -281,14 +279,14 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """How many units were frozen at the step training (re)starts from."""
         if state.global_step == 0:
             return 0
+        saved = self._saved_attribute(state, "saved_frozen_units")
+        units = None if saved is None else int(saved)
         if self.options.schedule == "adaptive":  # no schedule to recompute: only the checkpoint knows
-            saved = self.saved_frozen_units if self.saved_frozen_units is not None else self._saved_count(state)
-            return saved or 0
+            return units or 0
         if self.options.budget == "flops" and not self.freezer.profiled:
             from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
         else:
             from_schedule = self.freezer.num_units_at(self._progress(state))
-        units = self.saved_frozen_units if self.saved_frozen_units is not None else self._saved_count(state)
         if units is None:
             # A checkpoint saved without this callback: the schedule is the best guess.
             return from_schedule
@@ -306,11 +304,17 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
         return saved or None
 
-    def _saved_count(self, state: TrainerState) -> int | None:
-        """The frozen-unit count this callback saved in the checkpoint's `trainer_state.json`, if any."""
-        saved = self._saved_state(state)
-        count = saved.get("attributes", {}).get("saved_frozen_units") if saved else None
-        return None if count is None else int(count)
+    def _saved_attribute(self, state: TrainerState, name: str) -> Any:
+        """
+        An attribute of `state()` the checkpoint holds: set on this callback by the Trainer when
+        `restore_callback_states_from_checkpoint=True` rebuilt it, otherwise read from `trainer_state.json`; `None`
+        when the checkpoint has none.
+        """
+        value = getattr(self, name)
+        if value is None:
+            saved = self._saved_state(state)
+            value = saved.get("attributes", {}).get(name) if saved else None
+        return value
 
     def _warn_if_options_changed_since_checkpoint(self, state: TrainerState) -> None:
         """A run resumed with other options than its checkpoint's continues with the new ones: say which, by name."""
