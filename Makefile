@@ -13,12 +13,12 @@ MIN_VENV := .venv-min
 # The version-sensitive tests: compile, DDP internals and multi-process training, the Trainer callback, resume,
 # gradient checkpointing. (The examples' tests need the examples' extras, which pin no floor of the package.)
 MIN_TESTS := tests/test_compile.py tests/test_multiprocess.py tests/test_callback.py tests/test_accelerate.py \
-	tests/test_checkpointing.py tests/test_freezing.py tests/test_units.py tests/test_options.py tests/test_adaptive.py
+	tests/test_gradient_checkpointing.py tests/test_freezing.py tests/test_units.py tests/test_options.py tests/test_adaptive.py
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e ".[examples,dev]"
+	$(BIN)/pip install -c constraints.txt -e ".[examples,dev,finetune]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -7,6 +7,10 @@ import argparse
 import timm
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` shows each default and keeps the docstring's layout."""
+
+
 def check_model_name(parser: argparse.ArgumentParser, name: str) -> None:
     """A timm architecture, with or without a pretrained tag (`resnet18`, `resnet18.a1_in1k`); no wildcard."""
     if not timm.is_model(name):

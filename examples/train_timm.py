@@ -26,7 +26,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from arguments import check_freezing, check_model_name, check_positive
+from arguments import HelpFormatter, check_freezing, check_model_name, check_positive
 from image_data import METRIC_PATH, collate, load_image_data
 from tqdm.auto import tqdm
 
@@ -34,23 +34,25 @@ from hf_layer_freeze import LayerFreezer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="a Hugging Face image-classification dataset (needs internet)")
     data.add_argument("--data-dir", help="an imagefolder tree: class_name/*.png (optionally under train/, test/)")
-    data.add_argument("--image-size", type=int, default=32, help="side of the square input images (default 32)")
+    data.add_argument("--image-size", type=int, default=32, help="side of the square input images")
     data.add_argument("--max-train-samples", type=int, help="use only this many training images (smoke tests)")
     data.add_argument("--max-eval-samples", type=int, help="use only this many test images (smoke tests)")
     model = parser.add_argument_group("model and training")
-    model.add_argument("--model", default="resnet10t", help="any timm model name (default resnet10t)")
+    model.add_argument("--model", default="resnet10t", help="any timm model name")
     model.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs internet)")
-    model.add_argument("--epochs", type=int, default=12)
+    model.add_argument("--epochs", type=int, default=12, help="passes over the training images")
     model.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
     model.add_argument("--batch-size", type=int, default=64, help="per process")
-    model.add_argument("--lr", type=float, default=2e-3)
-    model.add_argument("--weight-decay", type=float, default=0.05)
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16", "fp8"])
+    model.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle schedule)")
+    model.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    model.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+    model.add_argument(
+        "--mixed-precision", default="no", choices=["no", "bf16", "fp16", "fp8"], help="Accelerate's mixed precision"
+    )
     data.add_argument("--augment", action="store_true", help="random affine jitter of training images")
     freezing = parser.add_argument_group("freezing")
     freezing.add_argument("--freeze-start", type=float, default=0.5, help="fraction of training, in [0, 1)")
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     freezing.add_argument("--check-every", type=int, default=20, help="adaptive: optimizer steps between checks")
     freezing.add_argument("--no-freeze", action="store_true", help="train without freezing (the baseline)")
     freezing.add_argument("--compare", action="store_true", help="train without, then with freezing; compare")
-    parser.add_argument("--output-dir", default="outputs/train_timm")
+    parser.add_argument("--output-dir", default="outputs/train_timm", help="results.json and freezing.png")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("epochs", "batch_size", "image_size", "max_steps", "max_train_samples",
                                   "max_eval_samples", "lr", "check_every"))  # fmt: skip

@@ -17,7 +17,7 @@ import sys
 import evaluate
 import numpy as np
 import torch
-from arguments import check_freezing, check_model_name, check_positive
+from arguments import HelpFormatter, check_freezing, check_model_name, check_positive
 from image_data import METRIC_PATH, collate, load_image_data
 from transformers import (
     TimmWrapperConfig,
@@ -32,26 +32,32 @@ from hf_layer_freeze import LayerFreezingCallback
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", help="a Hugging Face image-classification dataset (needs internet)")
     parser.add_argument("--data-dir", help="an imagefolder tree")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--max-train-samples", type=int)
-    parser.add_argument("--max-eval-samples", type=int)
-    parser.add_argument("--model", default="resnet10t", help="a timm architecture name (default resnet10t)")
-    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--image-size", type=int, default=32, help="side of the square input images")
+    parser.add_argument("--max-train-samples", type=int, help="use only this many training images (smoke tests)")
+    parser.add_argument("--max-eval-samples", type=int, help="use only this many test images (smoke tests)")
+    parser.add_argument("--model", default="resnet10t", help="a timm architecture name")
+    parser.add_argument("--epochs", type=float, default=12, help="passes over the training images")
     parser.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when positive")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--use-cpu", action="store_true", help="train on CPU even when a GPU is there")
-    parser.add_argument("--freeze-start", type=float, default=0.5)
-    parser.add_argument("--freeze-level", type=float, default=1.0)
-    parser.add_argument("--freeze-every", default="epoch", choices=["epoch", "step"])
-    parser.add_argument("--no-freeze", action="store_true")
+    parser.add_argument("--freeze-start", type=float, default=0.5, help="fraction of training, in [0, 1)")
+    parser.add_argument("--freeze-level", type=float, default=1.0, help="fraction frozen at the end, in [0, 1]")
+    parser.add_argument(
+        "--freeze-every",
+        default="auto",
+        choices=["auto", "epoch", "step"],
+        help="freeze at epoch ends, at any step where the schedule adds a unit, or 'auto': by epoch when at least 4 "
+        "epoch ends fall after --freeze-start, by step otherwise",
+    )
+    parser.add_argument("--no-freeze", action="store_true", help="train without freezing (the baseline)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
-    parser.add_argument("--output-dir", default="outputs/train_trainer")
+    parser.add_argument("--output-dir", default="outputs/train_trainer", help="checkpoints, one per epoch")
     args = parser.parse_args(argv)
     check_positive(parser, args, ("epochs", "batch_size", "image_size", "max_train_samples", "max_eval_samples", "lr"))
     if args.max_steps == 0 or args.max_steps < -1:

@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .callback import LayerFreezingCallback
 from .freezer import FreezeResult, LayerFreezer
+from .heads import Head, find_head
 from .options import FreezeOptions
 from .param_groups import frozen_param_groups
 from .schedule import freeze_fraction, num_units_to_freeze
@@ -20,9 +21,11 @@ __all__ = [
     "FreezableUnit",
     "FreezeOptions",
     "FreezeResult",
+    "Head",
     "LayerFreezer",
     "LayerFreezingCallback",
     "__version__",
+    "find_head",
     "freezable_units",
     "freeze_fraction",
     "frozen_param_groups",

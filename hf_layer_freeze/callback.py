@@ -15,15 +15,16 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
-from .freezer import LayerFreezer, resolve_max_freeze_events
+from .compiled import resolve_max_freeze_events
+from .freezer import LayerFreezer
 from .options import FreezeOptions
-from .schedule import validate_choice
+from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, validate_choice
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerFreezingCallback"]
 
-FREEZE_EVERY_CHOICES = ("epoch", "step")
+FREEZE_EVERY_CHOICES = ("auto", "epoch", "step")
 
 # The callbacks the user gave each Trainer (by its callback handler), recorded at `on_init_end`: with
 # `restore_callback_states_from_checkpoint=True` the Trainer replaces them by callbacks rebuilt from the checkpoint,
@@ -36,9 +37,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     A [`~transformers.TrainerCallback`] that progressively freezes the earliest units of the model.
 
     Progress is `state.global_step / state.max_steps`, so it is right whether training is set by epochs or by
-    `max_steps`. At the end of each epoch (the method card's rule) the first `floor(freeze_fraction(progress) *
-    N)` units are frozen (see `LayerFreezer`); with `freeze_every="step"` units freeze as soon as the schedule
-    asks for one more, which suits short fine-tuning runs of a few epochs.
+    `max_steps`. The first `floor(freeze_fraction(progress) * N)` units are frozen (see `LayerFreezer`): at the end
+    of each epoch (the method card's rule) when the run has enough epochs for several freezes, else as soon as the
+    schedule asks for one more unit (`freeze_every="auto"`), so fine-tuning runs of 1 to 3 epochs follow the
+    schedule too. The schedule follows the planned length (`state.max_steps`): a run stopped early (for instance by
+    `EarlyStoppingCallback`) has frozen what the schedule had reached at that step.
+
+    Fine-tuning is the normal case: only parameters that train when training begins are units (PEFT's base weights,
+    or an embedding frozen by hand, are not the callback's to freeze or to give back), a LoRA layer's adapters
+    freeze together, and the head is found inside PEFT models and inside your own module around a backbone.
 
     On `trainer.train(resume_from_checkpoint=...)` the freeze in effect when the checkpoint was saved is applied
     again before the first step (the Trainer has loaded the optimizer state by then), so a resumed run ends
@@ -46,15 +53,18 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     its gradient buckets are rebuilt after each freeze, so frozen parameters are not all-reduced.
 
     The metrics `layer_freeze/fraction`, `layer_freeze/frozen_units` and `layer_freeze/frozen_params` join every
-    training log of the Trainer (so TensorBoard, W&B, ... show them), and a log is made at each freeze event.
+    training log of the Trainer (so TensorBoard, W&B, ... show them). A freeze at an epoch end is logged at its own
+    step; freezing by step adds at most one log per `logging_steps` window, so the logs are not flooded.
 
     Args:
         freeze_start (`float`, *optional*, defaults to 0.5):
             Fraction of training, in [0, 1), after which freezing starts.
         freeze_level (`float`, *optional*, defaults to 1.0):
             Fraction of the units frozen at the end of training, in [0, 1].
-        freeze_every (`str`, *optional*, defaults to `"epoch"`):
-            `"epoch"` to freeze at the end of each epoch, `"step"` to freeze as soon as the count of units grows.
+        freeze_every (`str`, *optional*, defaults to `"auto"`):
+            `"epoch"` to freeze at the end of each epoch (exactly the method card's), `"step"` to freeze as soon as
+            the count of units grows, `"auto"`: `"epoch"` when at least 4 epoch ends fall after `freeze_start` and
+            before the end of the run (`schedule.resolve_freeze_every`), `"step"` otherwise.
         order, granularity, budget, freeze_batchnorm, max_freeze_events:
             As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
             "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
@@ -64,10 +74,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             As in [`LayerFreezer`]: `schedule="adaptive"` freezes the prefix of units whose gradient norm has settled,
             checked every `check_every` optimizer steps (whatever `freeze_every` says); its history is saved with each
             checkpoint, and the criterion is logged as `layer_freeze/grad_norm_change_*`.
+        head (`str` or `list[str]`, *optional*):
+            As in [`LayerFreezer`]: names of the head modules, never frozen (by default found by rule).
         keep_frozen (`bool`, *optional*, defaults to `False`):
             At the end of training the model is given back as it was given: frozen parameters require gradients
-            again and are back in the optimizer (`LayerFreezer.unfreeze`), so a second `trainer.train()` trains the
-            whole model. `True` leaves it frozen.
+            again and are back in the optimizer (`LayerFreezer.unfreeze`), exactly those the callback froze, so a
+            second `trainer.train()` trains what the first one was given. `True` leaves them frozen.
 
     Example:
 
@@ -87,9 +99,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
+        *,
         freeze_start: float = 0.5,
         freeze_level: float = 1.0,
-        freeze_every: str = "epoch",
+        freeze_every: str = "auto",
         order: str = "definition",
         granularity: str = "module",
         budget: str = "units",
@@ -99,6 +112,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         schedule: str = "linear",
         check_every: int = 20,
         change_threshold: float = 1.0,
+        head: str | list[str] | None = None,
     ) -> None:
         self.options = FreezeOptions(
             freeze_start=freeze_start,
@@ -111,12 +125,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             schedule=schedule,
             check_every=check_every,
             change_threshold=change_threshold,
+            head=head,
         )
         self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
         if not isinstance(keep_frozen, bool):
             raise ValueError(f"keep_frozen must be True or False, got {keep_frozen!r}")
         self.keep_frozen = keep_frozen
         self._frozen_at_end: int | None = None
+        self._freezing_by = "epoch" if freeze_every == "epoch" else "step"  # "auto" is decided in on_train_begin
+        self._last_forced_log: int | None = None
         self._replaced: list[LayerFreezingCallback] = []  # the user's callbacks this one stands in for
         self.freezer: LayerFreezer | None = None
         # The count a checkpoint recorded, set by the Trainer when `restore_callback_states_from_checkpoint=True`
@@ -171,6 +188,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self.freezer = LayerFreezer(model, optimizer, **options)
         logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
         self._report_replaced_callbacks(handler)
+        self._freezing_by = resolve_freeze_every(self.freeze_every, state.num_train_epochs, self.freeze_start)
+        self._last_forced_log = None
+        if self.freeze_every == "auto" and self.options.schedule == "linear":
+            logger.info(
+                "freeze_every='auto': freezing by %s (%d epoch(s) of %d steps).",
+                self._freezing_by,
+                state.num_train_epochs,
+                state.max_steps,
+            )
         self._warn_if_epochs_are_too_coarse(state)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         if state.global_step > 0:
@@ -190,10 +216,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         for given in self._replaced:
             given._frozen_at_end = self._frozen_at_end
         if not self.keep_frozen:
-            result = self.freezer.unfreeze()
-            logger.info("Training ended with %d units frozen; unfroze them (keep_frozen=False).", self._frozen_at_end)
-            if result.frozen_units:
-                logger.info("%d units were frozen before training and stay frozen.", result.frozen_units)
+            self.freezer.unfreeze()
+            logger.info(
+                "Training ended with %d units frozen; gave them back (keep_frozen=False). Parameters frozen before "
+                "training stay frozen.",
+                self._frozen_at_end,
+            )
         self.freezer.close()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -201,7 +229,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # on_epoch_end, which comes after this step's log and checkpoint: the log at this step shows the freeze
         # (the Trainer drops a second log at the same step) and the checkpoint holds it.
         adaptive = self.options.schedule == "adaptive"  # checks every `check_every` steps, whatever the epochs
-        if adaptive or self.freeze_every == "step" or (state.epoch is not None and float(state.epoch).is_integer()):
+        at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
+        if adaptive or self._freezing_by == "step" or at_epoch_end:
             self._update(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -250,22 +279,32 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if state.global_step >= state.max_steps:
             return  # after the last step a freeze saves nothing: the model ends as it trained
         result = self.freezer.update(self._progress(state))
-        if result.changed:
+        if not result.changed:
+            return
+        # A freeze is logged at its own step; by step, at most once per logging window (no flood of logs).
+        window = max(1, int(state.logging_steps or 1))
+        if (
+            self._freezing_by == "epoch"
+            or self._last_forced_log is None
+            or (state.global_step - self._last_forced_log >= window)
+        ):
             control.should_log = True
+            self._last_forced_log = state.global_step
 
     def _warn_if_epochs_are_too_coarse(self, state: TrainerState) -> None:
-        """With `freeze_every="epoch"`, a run of few epochs freezes at few epoch ends, or at none (a `max_steps`
-        shorter than an epoch): say so before training, with the next step."""
+        """With `freeze_every="epoch"` asked for, a run of few epochs freezes at few epoch ends, or at none (a
+        `max_steps` shorter than an epoch): say so before training, with the next step. ("auto" chose for itself.)"""
         epochs = state.num_train_epochs
         adaptive = self.options.schedule == "adaptive"
         if adaptive or self.freeze_every != "epoch" or not epochs or self.options.freeze_level == 0:
             return
-        freezing_epoch_ends = sum(1 for e in range(1, int(epochs)) if e / epochs > self.options.freeze_start)
-        if freezing_epoch_ends < 2:
+        ends = freezing_epoch_ends(epochs, self.options.freeze_start)
+        if ends < 2:
             warnings.warn(
                 f"LayerFreezingCallback(freeze_every='epoch') in a run of {epochs} epoch(s) and {state.max_steps} "
-                f"steps freezes at {freezing_epoch_ends} epoch end(s) before training ends (a freeze after the last "
-                "step saves nothing and is not made). Use freeze_every='step' to follow the schedule within epochs.",
+                f"steps freezes at {ends} epoch end(s) before training ends (a freeze after the last step saves "
+                "nothing and is not made). Use freeze_every='auto' (by step below "
+                f"{MIN_EPOCH_FREEZES} freezing epoch ends) or 'step' to follow the schedule within epochs.",
                 stacklevel=2,
             )
 
@@ -290,7 +329,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if units is None:
             # A checkpoint saved without this callback: the schedule is the best guess.
             return from_schedule
-        if self.freeze_every == "step":
+        if self._freezing_by == "step":
             return max(units, from_schedule)
         # A checkpoint saved at an epoch's last step may precede that epoch's on_epoch_end; resumption will not
         # run it, so apply what it would have frozen.

@@ -10,15 +10,20 @@ graph breaks. Other compiled functions keep their code; other instances of the s
 
 from __future__ import annotations
 
+import logging
 import types
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .wrappers import unwrap_model
+from .events import FreezeEvent
+from .wrappers import is_compiled, unwrap_model
 
-__all__ = ["invalidate_compiled_code", "recompile_limit"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompiledCodeInvalidation", "invalidate_compiled_code", "recompile_limit", "resolve_max_freeze_events"]
 
 MIN_TORCH_FOR_COMPILE = "2.11"
 
@@ -78,3 +83,52 @@ def invalidate_compiled_code(model: nn.Module) -> int:
                 torch._dynamo.reset_code(code)
                 dropped += 1
     return dropped
+
+
+class CompiledCodeInvalidation:
+    """
+    A freeze listener: after each event that changed which parameters train, the model's compiled code is dropped,
+    so the next step traces a backward for the new frozen set. A no-op for a model that was never compiled.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, bare or wrapped.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def on_freeze_event(self, event: FreezeEvent) -> None:
+        if event.parameters:
+            invalidate_compiled_code(self.model)
+
+    def close(self) -> None:
+        """Nothing to release: dropping code leaves no hook behind."""
+
+
+def resolve_max_freeze_events(
+    model: nn.Module, max_freeze_events: int | None, compiled: bool | None = None
+) -> int | None:
+    """
+    The bound on distinct freeze events. Under `torch.compile` each event recompiles the training graph and the
+    evaluation graph once (seconds to minutes each), and past `torch._dynamo.config.recompile_limit` Dynamo
+    silently runs eager. So a compiled model gets `(recompile_limit - 2) // 2` events by default, and a warning if a
+    given bound would exceed it. `compiled` overrides the detection (the Trainer hands callbacks the model before
+    `torch_compile` wraps it).
+    """
+    if not (is_compiled(model) if compiled is None else compiled):
+        return max_freeze_events
+    limit = recompile_limit()
+    safe = max(1, (limit - 2) // 2)
+    if max_freeze_events is None:
+        logger.info("Compiled model: at most %d freeze events (recompile_limit %d).", safe, limit)
+        return safe
+    if max_freeze_events > safe:
+        warnings.warn(
+            f"max_freeze_events={max_freeze_events} on a compiled model: each freeze event recompiles the training "
+            f"and the evaluation graph, and past torch._dynamo.config.recompile_limit={limit} Dynamo silently falls "
+            f"back to eager. Keep max_freeze_events <= {safe}, or raise the limit to at least "
+            f"{2 * max_freeze_events + 2}.",
+            stacklevel=3,
+        )
+    return max_freeze_events

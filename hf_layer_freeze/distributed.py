@@ -14,13 +14,16 @@ setups that cannot work are refused.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .wrappers import find_ddp_wrapper, unwrap_model
+from .events import FreezeEvent
+from .wrappers import find_ddp_wrapper, unwrap_model, wrapper_chain
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +174,11 @@ class DDPReducerSync:
         self.close()
         self.sync()
 
+    def on_freeze_event(self, event: FreezeEvent) -> None:
+        """A freeze listener: parameters stopped (or started) requiring gradients, so the reducer is rebuilt."""
+        if event.parameters:
+            self.parameters_changed()
+
     def parameters_changed(self) -> None:
         """Parameters stopped (or started) requiring gradients: rebuild the reducer, now or once it is known."""
         self._needs_rebuild = True
@@ -217,27 +225,120 @@ def is_fsdp_managed(module: nn.Module) -> bool:
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
 
 
+_DEEPSPEED_REFUSAL = (
+    "Layer freezing does not support DeepSpeed: ZeRO fixes the trainable parameters at deepspeed.initialize. Use DDP "
+    "or FSDP (use_orig_params=True / FSDP2), or disable the callback."
+)
+_FLAT_PARAMETERS_REFUSAL = (
+    "Layer freezing needs FSDP's `use_orig_params=True` (or FSDP2's fully_shard): with flat parameters a module's "
+    "weights cannot be frozen on their own. Set use_orig_params=True (Accelerate: "
+    "FullyShardedDataParallelPlugin(use_orig_params=True))."
+)
+# DeepSpeed's classes and Accelerate's wrappers of them (`DeepSpeedOptimizerWrapper`, `DummyOptim`, ...), recognized
+# by the module that defines them, so that deepspeed is never imported.
+_DEEPSPEED_MODULES = ("deepspeed", "accelerate.utils.deepspeed")
+# What DeepSpeed ZeRO-3 puts on every parameter it partitions (`deepspeed.runtime.zero.partition_parameters`).
+_ZERO3_PARAMETER_ATTRIBUTES = ("ds_id", "ds_status")
+_TRUE_FLAGS = ("1", "true", "yes", "y", "on", "t")
+
+
+def _deepspeed_class(obj: object) -> str | None:
+    """The first class of `obj`'s MRO that DeepSpeed (or Accelerate's DeepSpeed glue) defines, by qualified name."""
+    for cls in type(obj).__mro__:
+        module = getattr(cls, "__module__", None) or ""
+        if any(module == name or module.startswith(f"{name}.") for name in _DEEPSPEED_MODULES):
+            return f"{cls.__qualname__} ({module})"
+    return None
+
+
+def _optimizer_chain(optimizer: object) -> Iterator[object]:
+    """
+    `optimizer`, then each optimizer it wraps, outermost first: Accelerate's `AcceleratedOptimizer` (and its
+    `DeepSpeedOptimizerWrapper`) and DeepSpeed's ZeRO / fp16 / bf16 optimizers all hold the next one in `.optimizer`.
+    """
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
+def _accelerate_runs_deepspeed() -> str | None:
+    """
+    Why Accelerate says this process runs DeepSpeed, or `None`. Its state is read only where something already
+    initialized it, through the shared dicts `accelerate.state` keeps it in: building `AcceleratorState()` or
+    `PartialState()` here would initialize it, process group included.
+    """
+    from accelerate.state import AcceleratorState, PartialState, is_initialized
+    from accelerate.utils import DistributedType
+
+    if is_initialized():  # an Accelerator exists: its state already weighed the environment and `cpu=True`
+        if getattr(AcceleratorState, "_shared_state", {}).get("distributed_type") == DistributedType.DEEPSPEED:
+            return "Accelerate's AcceleratorState has distributed_type DEEPSPEED"
+        return None
+    if getattr(PartialState, "_shared_state", {}).get("distributed_type") == DistributedType.DEEPSPEED:
+        return "Accelerate's PartialState has distributed_type DEEPSPEED"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in _TRUE_FLAGS:
+        return "ACCELERATE_USE_DEEPSPEED is set in the environment"
+    return None
+
+
+def _deepspeed_evidence(model: nn.Module, optimizers: list[object]) -> str | None:
+    """What shows that `model` or `optimizers` run under DeepSpeed, or `None`."""
+    for index, obj in enumerate(wrapper_chain(model)):
+        if name := _deepspeed_class(obj):
+            return f"the model{' wraps' if index else ' is'} a {name}"
+    for optimizer in optimizers:
+        for index, obj in enumerate(_optimizer_chain(optimizer)):
+            if name := _deepspeed_class(obj):
+                return f"the optimizer{' wraps' if index else ' is'} a {name}"
+    for name, param in model.named_parameters() if isinstance(model, nn.Module) else ():
+        if any(hasattr(param, attribute) for attribute in _ZERO3_PARAMETER_ATTRIBUTES):
+            return f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3"
+    return _accelerate_runs_deepspeed()
+
+
+def _flat_parameters_evidence(model: nn.Module) -> str | None:
+    """What shows that `model` holds FSDP1 flat parameters, or `None`."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel, _flat_param
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    if not isinstance(model, nn.Module):
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel) and not getattr(module, "_use_orig_params", False):
+            return f"FSDP module {name or '<root>'!r} has use_orig_params=False"
+    # `_is_flat_param` is the flag FSDP's own `isinstance(t, FlatParameter)` checks; the class is checked too in case a
+    # later torch drops the flag (`isinstance(t, ())` is False where the class is gone).
+    flat_parameter = getattr(_flat_param, "FlatParameter", ())
+    for name, param in model.named_parameters():
+        if getattr(param, "_is_flat_param", False) or isinstance(param, flat_parameter):
+            return f"parameter {name!r} is an FSDP1 FlatParameter: the module given is inside an FSDP1 wrapper"
+    return None
+
+
 def check_supported_wrapping(model: nn.Module, optimizer: object) -> None:
     """
-    Refuse, with `NotImplementedError` and the next step, the setups where freezing cannot work correctly.
+    Refuse, with `NotImplementedError` and the next step, the setups where freezing cannot work correctly, whichever of
+    their objects is passed (a Trainer callback gets the bare model and Accelerate's wrapper of the optimizer).
 
-    - DeepSpeed fixes the set of trainable parameters when `deepspeed.initialize` runs.
-    - FSDP1 with `use_orig_params=False` flattens parameters; freezing by module cannot reach them.
+    - DeepSpeed fixes the set of trainable parameters when `deepspeed.initialize` runs. Recognized from the model or
+      its wrappers (`DeepSpeedEngine`), the optimizer or anything it wraps (Accelerate's `DeepSpeedOptimizerWrapper`,
+      DeepSpeed's ZeRO optimizers), ZeRO-3's partitioned parameters, Accelerate's state where it is initialized, and
+      `ACCELERATE_USE_DEEPSPEED` in the environment where it is not. deepspeed itself is never imported.
+    - FSDP1 with `use_orig_params=False` flattens parameters; freezing by module cannot reach them. Recognized from
+      the FSDP wrapper, or from the `FlatParameter`s of a module given from inside it (`fsdp.module`).
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, bare or wrapped.
+        optimizer (`torch.optim.Optimizer` or `list[torch.optim.Optimizer]`):
+            Its optimizer(s), bare or wrapped. Nothing but `.optimizer` is read from them, so this runs before they
+            are validated.
     """
-    for obj in (model, optimizer):
-        if type(obj).__module__.startswith("deepspeed"):
-            raise NotImplementedError(
-                "Layer freezing does not support DeepSpeed: ZeRO fixes the trainable parameters at "
-                "deepspeed.initialize. Use DDP or FSDP (use_orig_params=True / FSDP2), or disable the callback."
-            )
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel) and not getattr(module, "_use_orig_params", False):
-            raise NotImplementedError(
-                "Layer freezing needs FSDP's `use_orig_params=True` (or FSDP2's fully_shard): with flat "
-                "parameters a module's weights cannot be frozen on their own. Set use_orig_params=True "
-                "(Accelerate: FullyShardedDataParallelPlugin(use_orig_params=True))."
-            )
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if evidence := _deepspeed_evidence(model, optimizers):
+        raise NotImplementedError(f"{_DEEPSPEED_REFUSAL} (Found: {evidence}.)")
+    if evidence := _flat_parameters_evidence(model):
+        raise NotImplementedError(f"{_FLAT_PARAMETERS_REFUSAL} (Found: {evidence}.)")

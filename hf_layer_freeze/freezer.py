@@ -1,9 +1,16 @@
-"""`LayerFreezer`: the freezing engine, used by the Trainer callback, custom (Accelerate) loops and `plan`."""
+"""`LayerFreezer`: the freezing engine, used by the Trainer callback, custom (Accelerate) loops and `plan`.
+
+The engine coordinates and delegates: a schedule (`schedule.py`) decides how many units, `units.py` and `heads.py`
+decide which, a `FrozenRecord` holds what this freezer froze, each optimizer keeps its own param-group bookkeeping
+(`param_groups.py`), and the side effects of a freeze event are listeners it notifies (`events.py`: DDP's reducer,
+re-entrant gradient checkpointing, compiled code, BatchNorm).
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +19,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .adaptive import GradientNormTracker
-from .checkpointing import CheckpointInputGrads
-from .compiled import invalidate_compiled_code, recompile_limit
+from .batchnorm import BatchNormLock
+from .compiled import CompiledCodeInvalidation, resolve_max_freeze_events
 from .distributed import DDPReducerSync, check_supported_wrapping
+from .events import FreezeEvent, FreezeListener
+from .gradient_checkpointing import CheckpointInputGrads
 from .options import FreezeOptions
-from .param_groups import freeze_parameters, frozen_param_groups
+from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
+from .record import FrozenRecord
 from .schedule import (
     bounded_unit_count,
     freeze_fraction,
@@ -28,7 +38,7 @@ from .schedule import (
     validate_progress,
 )
 from .units import FreezableUnit, freezable_units
-from .wrappers import is_compiled, unwrap_model
+from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +52,11 @@ class FreezeResult:
 
     Args:
         frozen_units (`int`): number of units frozen so far (a prefix of the unit list).
-        total_units (`int`): number of freezable units.
-        frozen_params (`int`): number of parameter elements frozen so far.
+        total_units (`int`): number of freezable units: the modules owning a parameter that trained when the
+            freezer was built (head excluded).
+        frozen_params (`int`): number of parameter elements this freezer froze so far.
         fraction (`float`): the freeze fraction the schedule asked for (0 when units were frozen by count).
         newly_frozen_units (`int`): units frozen by this very call.
-        frozen_before (`int`, *optional*, defaults to 0): of `frozen_units`, the prefix that was already frozen
-            when this freezer was built (by another freezer, or by hand): not this freezer's doing, and left frozen
-            by `unfreeze()`.
     """
 
     frozen_units: int
@@ -56,12 +64,6 @@ class FreezeResult:
     frozen_params: int
     fraction: float
     newly_frozen_units: int
-    frozen_before: int = 0
-
-    @property
-    def frozen_by_this_freezer(self) -> int:
-        """Units this freezer froze itself (`frozen_units - frozen_before`)."""
-        return self.frozen_units - self.frozen_before
 
     @property
     def changed(self) -> bool:
@@ -69,48 +71,29 @@ class FreezeResult:
         return self.newly_frozen_units > 0
 
 
-def _stay_in_eval(module: nn.Module, args: tuple) -> None:
-    module.training = False
-
-
-def resolve_max_freeze_events(
-    model: nn.Module, max_freeze_events: int | None, compiled: bool | None = None
-) -> int | None:
-    """
-    The bound on distinct freeze events. Under `torch.compile` each event recompiles the training graph and the
-    evaluation graph once (seconds to minutes each), and past `torch._dynamo.config.recompile_limit` Dynamo
-    silently runs eager. So a compiled model gets `(recompile_limit - 2) // 2` events by default, and a warning if a
-    given bound would exceed it. `compiled` overrides the detection (the Trainer hands callbacks the model before
-    `torch_compile` wraps it).
-    """
-    if not (is_compiled(model) if compiled is None else compiled):
-        return max_freeze_events
-    limit = recompile_limit()
-    safe = max(1, (limit - 2) // 2)
-    if max_freeze_events is None:
-        logger.info("Compiled model: at most %d freeze events (recompile_limit %d).", safe, limit)
-        return safe
-    if max_freeze_events > safe:
-        warnings.warn(
-            f"max_freeze_events={max_freeze_events} on a compiled model: each freeze event recompiles the training "
-            f"and the evaluation graph, and past torch._dynamo.config.recompile_limit={limit} Dynamo silently falls "
-            f"back to eager. Keep max_freeze_events <= {safe}, or raise the limit to at least "
-            f"{2 * max_freeze_events + 2}.",
-            stacklevel=3,
-        )
-    return max_freeze_events
+def _optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """`optimizer` as a non-empty list of optimizers, or a `ValueError` naming what was given."""
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        given = optimizer if isinstance(optimizer, (list, tuple)) else None
+        got = type(optimizer).__name__ if given is None else [type(o).__name__ for o in given]
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or a non-empty list of them, got {got}")
+    return optimizers
 
 
 class LayerFreezer:
     """
-    Progressively freezes the earliest units of a model and keeps its optimizer (and DDP) consistent.
+    Progressively freezes the earliest units of a model and keeps its optimizers (and DDP) consistent.
 
     `update(progress)` freezes the first `floor(freeze_fraction(progress) * N)` of the model's N freezable units
-    (see `freezable_units`): their parameters get `requires_grad=False`, lose their gradient, and leave every
-    param group of the optimizer (empty groups stay, since LR schedulers index them). Their optimizer state is
-    kept, and `optimizer.state_dict()` keeps the full standard layout, so checkpoints load into a fresh optimizer
-    and into a frozen one alike. Freezing is monotonic and idempotent. Under DDP, the reducer is rebuilt in place
-    after each freeze so that frozen parameters are no longer all-reduced.
+    (see `freezable_units`: modules owning a parameter that trains when the freezer is built, head excluded): their
+    parameters get `requires_grad=False`, lose their gradient, and leave every param group of every optimizer given
+    (empty groups stay, since LR schedulers index them). Their optimizer state is kept, and `optimizer.state_dict()`
+    keeps the full standard layout, so checkpoints load into a fresh optimizer and into a frozen one alike. Freezing
+    is monotonic and idempotent, and touches only parameters that still train: what was frozen before the freezer
+    was built (PEFT's base weights, an embedding frozen by hand) is not its own, and `unfreeze()` gives back exactly
+    what it froze. Under DDP, the reducer is rebuilt in place after each freeze so that frozen parameters are no
+    longer all-reduced.
 
     The freezer is checkpointable: register it with `accelerator.register_for_checkpointing(freezer)` and
     `accelerator.load_state` re-applies the freeze that was in effect when the state was saved, whether the
@@ -118,9 +101,11 @@ class LayerFreezer:
 
     Args:
         model (`torch.nn.Module`):
-            The model, raw or as returned by `accelerator.prepare` (DDP-wrapped, compiled).
-        optimizer (`torch.optim.Optimizer`):
-            Its optimizer, raw or an Accelerate `AcceleratedOptimizer`.
+            The model, raw or as returned by `accelerator.prepare` (DDP-wrapped, compiled), or a PEFT model.
+        optimizer (`torch.optim.Optimizer` or `list[torch.optim.Optimizer]`):
+            Its optimizer, raw or an Accelerate `AcceleratedOptimizer`, or several (as Composer's `freeze_layers`
+            takes): frozen parameters leave every one. Trainable parameters in none of them get a warning, since an
+            optimizer the freezer does not know would keep updating them after they freeze.
         freeze_start (`float`, *optional*, defaults to 0.5):
             Fraction of training, in [0, 1), after which freezing starts.
         freeze_level (`float`, *optional*, defaults to 1.0):
@@ -130,9 +115,9 @@ class LayerFreezer:
             first use in a forward pass, recorded once on the first training batch, so the frozen set is a prefix
             of the computation even where the code defines modules in another order.
         granularity (`str`, *optional*, defaults to `"module"`):
-            `"module"`: every module owning parameters is a unit. `"block"`: the model's own blocks, so no block
-            is half frozen: a timm model's `group_matcher()` groups (stem, blocks, stages), a transformers model's
-            layers (the classes it lists in `_no_split_modules`).
+            `"module"`: every module owning trainable parameters is a unit (a LoRA layer's A and B matrices are one).
+            `"block"`: the model's own blocks, so no block is half frozen: a timm model's `group_matcher()` groups
+            (stem, blocks, stages), a transformers model's layers (the classes it lists in `_no_split_modules`).
         budget (`str`, *optional*, defaults to `"units"`):
             What the freeze fraction counts: `"units"` (the card's), `"params"` (cumulative parameters) or
             `"flops"` (cumulative forward FLOPs, counted once on the first training batch).
@@ -148,12 +133,22 @@ class LayerFreezer:
             with the previous interval's; the longest prefix of trainable units whose relative change is at most
             `change_threshold` times the median change of all trainable units is frozen (see
             `schedule.settled_prefix`). Never before `freeze_start`, never beyond `freeze_level`, always a prefix,
-            never unfreezing. The gradient norms are read by a step pre-hook on the optimizer; `update(progress)`
-            makes the checks, so call it every step (the callback does).
+            never unfreezing. The gradient norms are read by a step pre-hook on the (first) optimizer that holds
+            units; `update(progress)` makes the checks, so call it every step (the callback does).
         check_every (`int`, *optional*, defaults to 20):
             `schedule="adaptive"`: optimizer steps between two checks.
         change_threshold (`float`, *optional*, defaults to 1.0):
             `schedule="adaptive"`: a unit has settled when its relative change is at most this times the median.
+        head (`str` or `list[str]`, *optional*):
+            Names of the head modules (as in `model.named_modules()`, or of the model PEFT wraps), never frozen.
+            By default the head is found by rule (see `heads.py`: PEFT, timm, transformers, a backbone inside your
+            module), and where no rule applies the last unit is taken as head, with a warning naming it.
+
+    Raises:
+        `ValueError`: a bad option (named, with the allowed values), a model with no freezable unit, an optimizer
+            holding none of the model's parameters.
+        `NotImplementedError`: DeepSpeed, FSDP1 flat parameters, and other setups freezing cannot serve, with the
+            next step.
 
     Example:
 
@@ -184,7 +179,8 @@ class LayerFreezer:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
         freeze_start: float = 0.5,
         freeze_level: float = 1.0,
         order: str = "definition",
@@ -195,6 +191,7 @@ class LayerFreezer:
         schedule: str = "linear",
         check_every: int = 20,
         change_threshold: float = 1.0,
+        head: str | Sequence[str] | None = None,
     ) -> None:
         options = FreezeOptions(
             freeze_start=freeze_start,
@@ -207,39 +204,30 @@ class LayerFreezer:
             schedule=schedule,
             check_every=check_every,
             change_threshold=change_threshold,
+            head=head,
         )
         self.options = options
-        self.freeze_start, self.freeze_level = options.freeze_start, options.freeze_level
-        self.order, self.granularity, self.budget = options.order, options.granularity, options.budget
-        self.freeze_batchnorm = options.freeze_batchnorm
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.max_freeze_events = resolve_max_freeze_events(model, options.max_freeze_events)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_supported_wrapping(model, optimizer)
+        self.optimizers = _optimizer_list(optimizer)
+        for each in self.optimizers:
+            check_supported_optimizer(each)  # before anything is hooked on it
+        self.max_freeze_events = resolve_max_freeze_events(model, options.max_freeze_events)
 
         self.model = model
-        self.optimizer = optimizer
-        self.units: list[FreezableUnit] = freezable_units(model, options.granularity)
+        self.units: list[FreezableUnit] = freezable_units(model, options.granularity, options.head)
         if not self.units:
             raise ValueError(
                 f"model ({type(unwrap_model(model)).__name__}) has no freezable unit: it needs at least one module "
-                "owning parameters besides the classification head"
+                "owning trainable parameters besides the head"
             )
-        self._param_groups = frozen_param_groups(optimizer)
-        model_param_ids = {id(p) for p in unwrap_model(model).parameters()}
-        if not model_param_ids & self._param_groups.parameter_ids:
-            raise ValueError(
-                "optimizer holds none of the model's parameters: build it from model.parameters() "
-                "(the same model passed to LayerFreezer)"
-            )
-        self._ddp_sync = DDPReducerSync(model)
-        self._checkpoint_input_grads = CheckpointInputGrads(model)
+        self._param_groups = [frozen_param_groups(o) for o in self.optimizers]
+        self._check_optimizers_hold_the_units()
+        self.record = FrozenRecord()
         self.frozen_units = 0
         self.fraction = 0.0
         self._warned_empty_optimizer = False
-        self._batchnorm_hooks: list[torch.utils.hooks.RemovableHandle] = []
         # order="execution" and budget="flops" need one forward pass: the first training forward provides it.
         self.profile: UnitProfile | None = None
         self._pending_count: int | None = None
@@ -248,23 +236,36 @@ class LayerFreezer:
             self._profile_hook = unwrap_model(model).register_forward_pre_hook(
                 self._profile_on_first_forward, with_kwargs=True, prepend=True
             )
-        # Units that are frozen already (a second freezer on the same model) count as frozen, but are not ours to
-        # unfreeze.
-        while self.frozen_units < len(self.units) and not any(
-            p.requires_grad for p in self.units[self.frozen_units].parameters
-        ):
-            self.frozen_units += 1
-        self._already_frozen_units = self.frozen_units
         self.gradient_norms: GradientNormTracker | None = None
         if options.schedule == "adaptive":
-            self.gradient_norms = GradientNormTracker(optimizer, lambda: self.units)
-        if self.frozen_units:
-            logger.info(
-                "%d of %d units were frozen before this LayerFreezer was built: they count as frozen "
-                "(FreezeResult.frozen_before) and unfreeze() leaves them frozen.",
-                self.frozen_units,
-                self.num_units,
-            )
+            self.gradient_norms = GradientNormTracker(self._optimizer_holding_units(), lambda: self.units)
+        self._ddp_sync = DDPReducerSync(model)
+        self.listeners: list[FreezeListener] = [self._ddp_sync, CheckpointInputGrads(model)]
+        self.listeners.append(CompiledCodeInvalidation(model))
+        if options.freeze_batchnorm:
+            self.listeners.append(BatchNormLock(model))
+        self._notify(FreezeEvent(tuple(self.units), 0))  # parameters frozen before the freezer count from now
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The first optimizer given (see `optimizers` for all of them)."""
+        return self.optimizers[0]
+
+    @property
+    def freeze_start(self) -> float:
+        return self.options.freeze_start
+
+    @property
+    def freeze_level(self) -> float:
+        return self.options.freeze_level
+
+    @property
+    def order(self) -> str:
+        return self.options.order
+
+    @property
+    def budget(self) -> str:
+        return self.options.budget
 
     @property
     def num_units(self) -> int:
@@ -283,49 +284,68 @@ class LayerFreezer:
         """
         self._ddp_sync.set_ddp_model(ddp_model)
 
+    def _check_optimizers_hold_the_units(self) -> None:
+        """Refuse optimizers that hold none of the model's parameters; warn once about unit parameters in none."""
+        held = set().union(*(groups.parameter_ids for groups in self._param_groups))
+        if not held & {id(p) for p in unwrap_model(self.model).parameters()}:
+            raise ValueError(
+                "optimizer holds none of the model's parameters: build it from model.parameters() "
+                "(the same model passed to LayerFreezer)"
+            )
+        missing = [p for unit in self.units for p in unit.parameters if id(p) not in held]
+        if missing:
+            warnings.warn(
+                f"{len(missing)} trainable parameter tensors ({sum(p.numel() for p in missing):,} elements) that "
+                f"this LayerFreezer may freeze are in none of the {len(self.optimizers)} optimizer(s) it was given: "
+                "another optimizer may keep changing them after they freeze. Pass every optimizer: "
+                "LayerFreezer(model, [optimizer, other_optimizer]).",
+                stacklevel=3,
+            )
+
+    def _optimizer_holding_units(self) -> torch.optim.Optimizer:
+        unit_ids = {id(p) for unit in self.units for p in unit.parameters}
+        for optimizer, groups in zip(self.optimizers, self._param_groups, strict=True):
+            if groups.parameter_ids & unit_ids:
+                return optimizer
+        return self.optimizers[0]
+
+    def _notify(self, event: FreezeEvent) -> None:
+        for listener in self.listeners:
+            listener.on_freeze_event(event)
+
     def unfreeze(self) -> FreezeResult:
         """
         Give the model back as it was given: every parameter this freezer froze requires gradients again and is back
         in its optimizer param group, in its place (its optimizer state, kept all along, with it); frozen BatchNorm
-        layers update their statistics again. A second `trainer.train()` then trains the whole model. Units that
-        were frozen before this freezer was built stay frozen.
+        layers update their statistics again. A second `trainer.train()` then trains exactly what the first one was
+        given. Parameters that were frozen before this freezer was built, or by someone else since, stay frozen.
 
         Returns:
             `FreezeResult`: nothing frozen, `newly_frozen_units` 0.
         """
-        params = [p for unit in self.units[self._already_frozen_units : self.frozen_units] for p in unit.parameters]
-        for param in params:
-            param.requires_grad_(True)
-        self._param_groups.restore(params)
-        for handle in self._batchnorm_hooks:
-            handle.remove()
-        self._batchnorm_hooks.clear()
-        if params and unwrap_model(self.model).training:
-            unwrap_model(self.model).train()  # BatchNorm layers locked in eval mode follow the model again
-        self.frozen_units = self._already_frozen_units
+        unfrozen = tuple(self.units[: self.frozen_units])
+        params = [p for _, p in self.record.give_back()]
+        for groups in self._param_groups:
+            groups.restore(params)
+        self.frozen_units = 0
         self.fraction = 0.0
         self._pending_count = None
-        self._checkpoint_input_grads.update(self.units, self.frozen_units)
-        if params:
-            self._ddp_sync.parameters_changed()
-            invalidate_compiled_code(self.model)
+        self._notify(FreezeEvent(tuple(self.units), 0, unfrozen=unfrozen, parameters=tuple(params)))
         return self.result()
 
     def close(self) -> None:
         """
-        Remove every hook the freezer put on the model (DDP discovery, first-forward profiling, frozen BatchNorm).
-        What is frozen stays frozen. The Trainer callback calls it at the end of training.
+        Remove every hook the freezer put on the model (DDP discovery, first-forward profiling, frozen BatchNorm,
+        gradient checkpointing, gradient-norm tracking). What is frozen stays frozen. The Trainer callback calls it
+        at the end of training.
         """
-        self._ddp_sync.close()
-        self._checkpoint_input_grads.close()
+        for listener in self.listeners:
+            listener.close()
         if self.gradient_norms is not None:
             self.gradient_norms.close()
         if self._profile_hook is not None:
             self._profile_hook.remove()
             self._profile_hook = None
-        for handle in self._batchnorm_hooks:
-            handle.remove()
-        self._batchnorm_hooks.clear()
 
     @property
     def profiled(self) -> bool:
@@ -340,7 +360,8 @@ class LayerFreezer:
         """
         if self.frozen_units and self.order == "execution":
             raise RuntimeError(
-                "with order='execution', profile before freezing anything: the order decides what is frozen"
+                "with order='execution', profile before this LayerFreezer freezes anything: the order decides what is "
+                "frozen"
             )
         profile = profile_units(self.model, self.units, *args, **kwargs)
         if self.order == "execution":
@@ -349,6 +370,7 @@ class LayerFreezer:
             profile = UnitProfile(
                 tuple(profile.first_use[i] for i in ranks), tuple(profile.forward_flops[i] for i in ranks)
             )
+            self._notify(FreezeEvent(tuple(self.units), self.frozen_units))  # the first trainable unit may move
         self.profile = profile
         if self._profile_hook is not None:
             self._profile_hook.remove()
@@ -449,36 +471,28 @@ class LayerFreezer:
             if count > self.frozen_units:
                 self._pending_count = max(self._pending_count or 0, count)  # applied at the first forward
             return self.result()
-        count = self._cap_to_keep_optimizer_nonempty(count)
-        newly = self.units[self.frozen_units : count]
-        if newly:
-            params = [p for unit in newly for p in unit.parameters]
-            freeze_parameters(params)
-            self._param_groups.remove(params)
-            if self.freeze_batchnorm:
-                self._lock_batchnorm_in_eval(newly)
-            self.frozen_units = count
-            logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
-            self._checkpoint_input_grads.update(self.units, count)
-            self._ddp_sync.parameters_changed()  # without a known wrapper yet, waits for the first training forward
-            invalidate_compiled_code(self.model)  # compiled: the next step traces a backward without these gradients
+        count = self._cap_to_keep_an_optimizer_nonempty(count)
+        newly = tuple(self.units[self.frozen_units : count])
+        if not newly:
+            return self.result()
+        frozen = self.record.freeze(
+            (name, p) for unit in newly for name, p in zip(unit.parameter_names, unit.parameters, strict=True)
+        )
+        params = tuple(p for _, p in frozen)
+        for groups in self._param_groups:
+            groups.remove(params)
+        self.frozen_units = count
+        logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
+        # without a known DDP wrapper yet, the reducer waits for the first training forward
+        self._notify(FreezeEvent(tuple(self.units), count, frozen=newly, parameters=params))
         return self.result(newly_frozen_units=len(newly))
 
-    def _lock_batchnorm_in_eval(self, units: list[FreezableUnit]) -> None:
-        """Frozen BatchNorm layers normalize with their running statistics and stop updating them, even though
-        training loops call `model.train()` every step: a pre-forward hook puts them back in eval mode."""
-        for unit in units:
-            for module in unit.owner_modules(self.model):
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-                    self._batchnorm_hooks.append(module.register_forward_pre_hook(_stay_in_eval))
-
-    def _cap_to_keep_optimizer_nonempty(self, count: int) -> int:
+    def _cap_to_keep_an_optimizer_nonempty(self, count: int) -> int:
         """
-        The largest count <= `count` that leaves the optimizer at least one parameter. An optimizer with nothing
-        left updates nothing, and a GradScaler then fails with "No inf checks were recorded for this optimizer".
+        The largest count <= `count` that leaves the optimizers at least one parameter. Optimizers with nothing
+        left update nothing, and a GradScaler then fails with "No inf checks were recorded for this optimizer".
         """
-        remaining = {id(p) for p in self._param_groups.trainable_parameters()}
+        remaining = {id(p) for groups in self._param_groups for p in groups.trainable_parameters()}
         for index in range(self.frozen_units, count):
             unit_ids = {id(p) for p in self.units[index].parameters}
             if remaining and remaining <= unit_ids:
@@ -486,7 +500,7 @@ class LayerFreezer:
                     warnings.warn(
                         f"Freezing unit {index} ({self.units[index].name or '<root>'}) would leave the optimizer "
                         f"with no parameter, so freezing stops at {index} of {self.num_units} units. Put the "
-                        "classification head in the optimizer, or lower freeze_level.",
+                        "head in the optimizer, or lower freeze_level.",
                         stacklevel=3,
                     )
                     self._warned_empty_optimizer = True
@@ -499,18 +513,19 @@ class LayerFreezer:
         return FreezeResult(
             frozen_units=self.frozen_units,
             total_units=self.num_units,
-            frozen_params=sum(unit.numel for unit in self.units[: self.frozen_units]),
+            frozen_params=self.record.numel,
             fraction=self.fraction,
             newly_frozen_units=newly_frozen_units,
-            frozen_before=self._already_frozen_units,
         )
 
     # Checkpointing through `accelerator.register_for_checkpointing`.
     def state_dict(self) -> dict[str, Any]:
-        """The freezer's progress: how many units are frozen (or waiting to be), the fraction reached, and for the
-        adaptive schedule the gradient-norm history its next check compares with."""
+        """The freezer's progress: how many units are frozen (or waiting to be), the names of the parameters it
+        froze, the fraction reached, and for the adaptive schedule the gradient-norm history its next check compares
+        with."""
         state = {
             "frozen_units": max(self.frozen_units, self._pending_count or 0),
+            "frozen_parameter_names": self.record.names,
             "fraction": self.fraction,
             "num_units": self.num_units,
         }
@@ -519,13 +534,24 @@ class LayerFreezer:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes)."""
+        """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes). States saved before the
+        record existed hold only the count, and load the same way."""
         if state_dict.get("num_units", self.num_units) != self.num_units:
             raise ValueError(
                 f"state_dict was saved for a model with {state_dict['num_units']} freezable units, "
                 f"this one has {self.num_units}"
             )
-        self.freeze_units(int(state_dict["frozen_units"]))
+        count = int(state_dict["frozen_units"])
+        names = state_dict.get("frozen_parameter_names") or []
+        if self.profiled or self.order != "execution":  # else the order, and so the names of a count, waits
+            in_units = {name for unit in self.units[:count] for name in unit.parameter_names}
+            unknown = [name for name in names if name not in in_units]
+            if unknown:
+                raise ValueError(
+                    f"state_dict froze {unknown[0]!r}, which is not in the first {count} freezable units of this "
+                    "model: it was saved for another model, or with other options (head, granularity, order)"
+                )
+        self.freeze_units(count)
         self.fraction = max(self.fraction, float(state_dict.get("fraction", 0.0)))
         if self.gradient_norms is not None and state_dict.get("gradient_norms") is not None:
             self.gradient_norms.load_state_dict(state_dict["gradient_norms"])

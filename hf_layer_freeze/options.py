@@ -52,6 +52,7 @@ class FreezeOptions:
     schedule: str = "linear"
     check_every: int = 20
     change_threshold: float = 1.0
+    head: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalize ints to floats through object.__setattr__
@@ -70,10 +71,26 @@ class FreezeOptions:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
             raise ValueError(f"change_threshold must be a positive number, got {threshold!r}")
         object.__setattr__(self, "change_threshold", float(threshold))
+        object.__setattr__(self, "head", _validate_head(self.head))
         events = self.max_freeze_events
         if events is not None and (isinstance(events, bool) or not isinstance(events, int) or events < 1):
             raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {events!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as JSON-safe keyword arguments."""
-        return asdict(self)
+        options = asdict(self)
+        options["head"] = None if self.head is None else list(self.head)
+        return options
+
+
+def _validate_head(head: object) -> tuple[str, ...] | None:
+    """`head` as a tuple of module names, or `None`; a `ValueError` for anything else."""
+    if head is None:
+        return None
+    names = (head,) if isinstance(head, str) else head
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"head must be None, a module name or a non-empty list of module names (as in model.named_modules()), "
+            f"got {head!r}"
+        )
+    return tuple(names)

@@ -6,16 +6,29 @@ raises `KeyError` for a parameter that has state but is in no group, and `load_s
 another size. `frozen_param_groups(optimizer)` uses the optimizer's public state-dict hooks to put the frozen
 parameters back in place while torch packs or unpacks the state, so checkpoints always hold the full, standard
 layout: they load into a fresh optimizer and into a frozen one alike.
+
+Optimizers with train and eval modes (schedule-free, `optim="schedule_free_*"`) move every parameter of a group
+between two points when they switch (`optimizer.train()` / `optimizer.eval()`, which the Trainer calls before each
+training step and each evaluation): a frozen parameter left out of that switch would be evaluated at its
+training-mode value, and once given back it would be moved by a switch it never took. So the same full layout is in
+place during each switch, and frozen parameters follow the modes exactly as they would inside their groups.
+
+Layer-wise optimizers, which update each parameter inside backward hooks rather than through `param_groups`, are
+refused by `check_supported_optimizer`.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["freeze_parameters", "frozen_param_groups", "unwrap_optimizer"]
+__all__ = ["check_supported_optimizer", "freeze_parameters", "frozen_param_groups", "unwrap_optimizer"]
+
+# The methods that switch an optimizer between its training and evaluation points (schedule-free optimizers).
+_MODE_SWITCHES = ("train", "eval")
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -24,6 +37,51 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
         inner = inner.optimizer
     return inner
+
+
+def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """
+    Refuse, by name, the optimizers that freezing through `param_groups` cannot serve: those that update each
+    parameter inside backward hooks, so that what their `param_groups` hold decides nothing.
+
+    - The Trainer's layer-wise optimizers (`optim="galore_adamw_layerwise"`, `"apollo_adamw_layerwise"`, any
+      `*_layerwise`): the Trainer gets a `transformers.trainer_pt_utils.LayerWiseDummyOptimizer` holding one dummy
+      tensor, while one optimizer per parameter steps in a post-accumulate-grad hook.
+    - LOMO (`optim="lomo"` / `"adalomo"`, the `lomo_optim` package): steps during backward (`fused_backward`).
+
+    They are recognised by class and module name, so neither package is imported. An Accelerate
+    `AcceleratedOptimizer` is unwrapped first.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`):
+            The optimizer a freezer would keep consistent, raw or an Accelerate `AcceleratedOptimizer`.
+
+    Raises:
+        `NotImplementedError`: for a layer-wise optimizer, with the next step.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_layer_freeze.param_groups import check_supported_optimizer
+    >>> check_supported_optimizer(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))  # supported: no error
+
+    ```
+    """
+    inner = unwrap_optimizer(optimizer)
+    for cls in type(inner).__mro__:
+        package = cls.__module__.split(".")[0]
+        if package == "transformers" and cls.__name__ == "LayerWiseDummyOptimizer":
+            kind = "the Trainer's layer-wise optimizers (optim='*_layerwise', a LayerWiseDummyOptimizer)"
+        elif package == "lomo_optim":
+            kind = f"LOMO optimizers (optim='lomo' / 'adalomo', here lomo_optim's {type(inner).__name__})"
+        else:
+            continue
+        raise NotImplementedError(
+            f"Layer freezing does not support {kind}: they update each parameter inside backward hooks, not through "
+            "the optimizer's param_groups, where freezing takes parameters out and keeps their state. Use "
+            "optim='adamw_torch' (or any optimizer that steps through optimizer.step()), or disable the callback."
+        )
 
 
 def freeze_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -40,8 +98,13 @@ class _FrozenParamGroups:
     One instance serves one optimizer for its whole life, which is why it is private: `frozen_param_groups(optimizer)`
     gets it (a second instance built later would take the already-filtered groups for the full layout). It
     remembers each group's full parameter list, so `state_dict()` packs and `load_state_dict()` unpacks the full
-    layout, and the frozen parameters are taken out again right after. Empty groups are kept, since LR schedulers
-    index groups by position.
+    layout, and the frozen parameters are taken out again right after. The optimizer's own `train()` / `eval()`
+    mode switches, where it has them (schedule-free optimizers), run on the full layout in the same way: frozen
+    parameters move between the training and evaluation points with their groups, as if never taken out. Empty
+    groups are kept, since LR schedulers index groups by position.
+
+    It holds the optimizer weakly (the registry of instances is keyed by the optimizer), so a finished run's
+    optimizer, its state and the model's parameters can be freed.
 
     Args:
         optimizer (`torch.optim.Optimizer`):
@@ -51,7 +114,7 @@ class _FrozenParamGroups:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)
         self.frozen_ids: set[int] = set()
         # The layout of each group as built by the user, before anything was removed.
         self._full_params = [list(group["params"]) for group in optimizer.param_groups]
@@ -70,6 +133,14 @@ class _FrozenParamGroups:
             optimizer.register_load_state_dict_pre_hook(self._restore_before_load),
             optimizer.register_load_state_dict_post_hook(self._remove_after_load),
         ]
+        self._wrap_mode_switches(optimizer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            raise RuntimeError("the optimizer of this _FrozenParamGroups was garbage-collected")
+        return optimizer
 
     @property
     def parameter_ids(self) -> set[int]:
@@ -107,6 +178,30 @@ class _FrozenParamGroups:
             group["params"] = list(self._full_params[index])
             if self._full_names[index] is not None and "param_names" in group:
                 group["param_names"] = list(self._full_names[index])
+
+    def _wrap_mode_switches(self, optimizer: torch.optim.Optimizer) -> None:
+        """
+        Make the optimizer's own `train()` / `eval()` (where it has them) switch the full layout. Torch offers no
+        hook for these methods, so the wrapper is set on this instance, as Accelerate wraps `optimizer.step` for its
+        GradScaler; an `AcceleratedOptimizer`'s `train()` / `eval()` call the instance's. Torch's `Optimizer`
+        pickles and copies only `defaults`, `state` and `param_groups`, so a copy never carries a wrapper.
+        """
+        for name in _MODE_SWITCHES:
+            switch = getattr(optimizer, name, None)
+            if callable(switch) and not getattr(switch, "_switches_full_layout", False):
+                setattr(optimizer, name, self._with_full_layout(switch))
+
+    def _with_full_layout(self, switch: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(switch)
+        def switch_with_full_layout(*args, **kwargs):
+            self._restore_full_layout()
+            try:
+                return switch(*args, **kwargs)
+            finally:
+                self._apply_removal()
+
+        switch_with_full_layout._switches_full_layout = True
+        return switch_with_full_layout
 
     # Optimizer state-dict hooks (public torch API since 2.1).
     def _restore_before_state_dict(self, optimizer: torch.optim.Optimizer) -> None:

@@ -68,10 +68,15 @@ def profile_units(model: nn.Module, units: list[FreezableUnit], *args, **kwargs)
     def flops_of(name: str) -> int:
         return inclusive.get(f"{root}.{name}" if name else root, 0)
 
-    own = {}
-    for name, module in model.named_modules():
-        children = sum(flops_of(f"{name}.{c}" if name else c) for c, _ in module.named_children())
-        own[name] = max(0, flops_of(name) - children)
+    # A module's own FLOPs are its count less those of its nearest descendants that were called: a container that
+    # is never called itself (a ModuleList of layers) must not make its parent keep every layer's FLOPs.
+    own = {name: flops_of(name) for name, _ in model.named_modules()}
+    for name in [name for name, value in own.items() if name and value]:
+        parent = name.rpartition(".")[0]
+        while parent and not flops_of(parent):  # up to the nearest ancestor that was called
+            parent = parent.rpartition(".")[0]
+        own[parent] -= flops_of(name)
+    own = {name: max(0, value) for name, value in own.items()}
 
     unit_of_module: dict[str, int] = {}
     for index, unit in enumerate(units):

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from numbers import Real
 
 __all__ = [
+    "MIN_EPOCH_FREEZES",
     "bounded_unit_count",
     "freeze_fraction",
+    "freezing_epoch_ends",
     "num_units_for_budget",
     "num_units_to_freeze",
     "relative_changes",
+    "resolve_freeze_every",
     "settled_prefix",
     "validate_choice",
     "validate_freeze_level",
@@ -228,3 +231,50 @@ def settled_prefix(changes: Sequence[float], threshold: float = 1.0) -> int:
             break
         count += 1
     return count
+
+
+# freeze_every="auto" freezes at epoch ends when at least this many of them fall inside the freezing part of the run.
+MIN_EPOCH_FREEZES = 4
+
+
+def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
+    """
+    How many epoch ends fall strictly inside the freezing part of a run of `num_epochs` epochs: after `freeze_start`
+    and before the end (a freeze after the last step saves nothing and is not made).
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import freezing_epoch_ends
+    >>> freezing_epoch_ends(10, 0.5), freezing_epoch_ends(3, 0.5), freezing_epoch_ends(2, 0.5)
+    (4, 1, 0)
+
+    ```
+    """
+    return sum(1 for epoch in range(1, int(num_epochs)) if epoch / num_epochs > freeze_start)
+
+
+def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_start: float) -> str:
+    """
+    `"epoch"` or `"step"`: what `freeze_every="auto"` means for a run of `num_epochs` epochs. By epoch (the method
+    card's rule) when at least `MIN_EPOCH_FREEZES` epoch ends fall inside the freezing part of the run, by step
+    otherwise: fine-tuning runs of 1 to 3 epochs follow the schedule within their epochs. `"epoch"` and `"step"` are
+    returned as given.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import resolve_freeze_every
+    >>> [resolve_freeze_every("auto", 10, 0.5), resolve_freeze_every("auto", 3, 0.5)]
+    ['epoch', 'step']
+    >>> resolve_freeze_every("epoch", 3, 0.5)
+    'epoch'
+
+
+    ```
+    """
+    if freeze_every != "auto":
+        return freeze_every
+    if not num_epochs or freezing_epoch_ends(num_epochs, freeze_start) < MIN_EPOCH_FREEZES:
+        return "step"
+    return "epoch"

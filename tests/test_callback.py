@@ -33,9 +33,11 @@ class EventRecorder(TrainerCallback):
         self.logs: list[dict] = []
         self.model = None
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.units = freezable_units(model)  # before anything is frozen: units are what trains now
+
     def _frozen(self, model) -> int:
-        units = freezable_units(model)
-        return sum(1 for u in units if not any(p.requires_grad for p in u.parameters))
+        return sum(1 for u in self.units if not any(p.requires_grad for p in u.parameters))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self.epoch_ends.append((state.global_step, self._frozen(model)))
@@ -65,7 +67,7 @@ def _args(tmp_path: Path, **overrides) -> TrainingArguments:
 
 def test_trainer_freezes_at_each_epoch_end_on_schedule(tmp_path):
     recorder = EventRecorder()  # listed first, like the Trainer's own reporting integrations
-    callback = LayerFreezingCallback(freeze_start=0.25, freeze_level=1.0)
+    callback = LayerFreezingCallback(freeze_start=0.25, freeze_level=1.0, freeze_every="epoch")
     trainer = Trainer(
         model=_model(), args=_args(tmp_path), train_dataset=RandomImages(64), callbacks=[recorder, callback]
     )
@@ -110,7 +112,7 @@ def test_freeze_every_step_follows_the_schedule_within_epochs(tmp_path):
 
 def test_max_steps_progress_uses_global_step_over_max_steps(tmp_path):
     recorder = EventRecorder()
-    callback = LayerFreezingCallback(freeze_start=0.5)
+    callback = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.5)
     # 6 steps with 4 per epoch: epochs end at steps 4 and 6 (the second one early, at max_steps)
     trainer = Trainer(
         model=_model(),
@@ -202,7 +204,7 @@ def _train_four_epochs_with_checkpoints(output_dir: Path) -> dict:
         model=_model(),
         args=_args(output_dir, **overrides),
         train_dataset=RandomImages(64),
-        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+        callbacks=[LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25)],
     ).train()
     return overrides
 
@@ -218,7 +220,7 @@ def test_resume_reapplies_the_freeze_before_the_first_step(tmp_path):
                 seen["units"] = callback.frozen_units
                 seen["in_optimizer"] = sum(len(g["params"]) for g in optimizer.param_groups)
 
-    callback = LayerFreezingCallback(freeze_start=0.25)
+    callback = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25)
     trainer = Trainer(
         model=_model(),
         args=_args(tmp_path / "resumed", **overrides),
@@ -236,7 +238,7 @@ def test_resume_reapplies_the_freeze_before_the_first_step(tmp_path):
     [
         ({"freeze_start": 1.0}, r"freeze_start must be a number in \[0, 1\), got 1.0"),
         ({"freeze_level": -0.5}, r"freeze_level must be a number in \[0, 1\], got -0.5"),
-        ({"freeze_every": "batch"}, r"freeze_every must be one of \('epoch', 'step'\), got 'batch'"),
+        ({"freeze_every": "batch"}, r"freeze_every must be one of \('auto', 'epoch', 'step'\), got 'batch'"),
     ],
 )
 def test_callback_rejects_bad_arguments(kwargs, match):
@@ -264,7 +266,7 @@ def test_resume_with_restore_callback_states_from_checkpoint(tmp_path):
         model=_model(),
         args=_args(tmp_path / "resumed", restore_callback_states_from_checkpoint=True, **overrides),
         train_dataset=RandomImages(64),
-        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+        callbacks=[LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25)],
     )
     seen = {}
 
@@ -312,7 +314,9 @@ def test_hooks_are_released_at_the_end_of_training(tmp_path):
 @pytest.mark.parametrize("keep_frozen", [False, True])
 def test_the_model_is_given_back_unfrozen_unless_kept_frozen(tmp_path, keep_frozen):
     model = _model()
-    callback = LayerFreezingCallback(freeze_start=0.0, freeze_batchnorm=True, keep_frozen=keep_frozen)
+    callback = LayerFreezingCallback(
+        freeze_every="epoch", freeze_start=0.0, freeze_batchnorm=True, keep_frozen=keep_frozen
+    )
     trainer = Trainer(
         model=model, args=_args(tmp_path, num_train_epochs=2), train_dataset=RandomImages(32), callbacks=[callback]
     )
@@ -332,30 +336,33 @@ def test_the_model_is_given_back_unfrozen_unless_kept_frozen(tmp_path, keep_froz
     assert not torch.equal(stem, model.timm_model.conv1[0].weight)
 
 
-def test_unfreeze_leaves_units_that_were_frozen_before_the_freezer():
+def test_a_second_freezer_owns_only_what_trains_when_it_is_built_and_gives_back_only_that():
     from hf_layer_freeze import LayerFreezer
 
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     first = LayerFreezer(model, optimizer)
     first.freeze_units(5)
+    frozen_by_first = [p for unit in first.units[:5] for p in unit.parameters]
     second = LayerFreezer(model, optimizer)
-    assert second.frozen_units == 5
-    # it reports what it froze itself, apart from what the first one did
-    assert (second.result().frozen_before, second.result().frozen_by_this_freezer) == (5, 0)
-    result = second.freeze_units(12)
-    assert (result.frozen_units, result.frozen_before, result.frozen_by_this_freezer) == (12, 5, 7)
-    assert result.newly_frozen_units == 7
-    assert second.unfreeze().frozen_units == 5
-    frozen = [not any(p.requires_grad for p in unit.parameters) for unit in second.units]
-    assert frozen == [True] * 5 + [False] * (NUM_UNITS - 5)
-    trainable = {id(p) for unit in second.units[5:] for p in unit.parameters}
-    assert trainable <= {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # the first freezer's units are not the second's: its schedule and counts describe what trains now
+    assert second.num_units == NUM_UNITS - 5 and second.frozen_units == 0 and second.result().frozen_params == 0
+    assert second.units[0].name == first.units[5].name
+    result = second.freeze_units(7)
+    assert (result.frozen_units, result.newly_frozen_units) == (7, 7)
+    assert result.frozen_params == sum(unit.numel for unit in first.units[5:12])
+    assert second.unfreeze().frozen_units == 0
+    # what the second froze trains again and is back in the optimizer; what the first froze stays frozen
+    assert all(p.requires_grad for unit in second.units for p in unit.parameters)
+    assert not any(p.requires_grad for p in frozen_by_first)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for unit in second.units for p in unit.parameters} <= in_optimizer
+    assert not {id(p) for p in frozen_by_first} & in_optimizer
 
 
 def test_each_freeze_is_logged_at_its_own_step_when_logging_once_an_epoch(tmp_path):
     recorder = EventRecorder()
-    callback = LayerFreezingCallback(freeze_start=0.25)
+    callback = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25)
     Trainer(
         model=_model(),
         args=_args(tmp_path, logging_steps=4),  # 4 steps an epoch: one log per epoch, at the epoch's last step
@@ -367,14 +374,14 @@ def test_each_freeze_is_logged_at_its_own_step_when_logging_once_an_epoch(tmp_pa
 
 
 def test_a_run_shorter_than_its_freezing_epochs_warns_and_reports_what_it_trained_with(tmp_path):
-    callback = LayerFreezingCallback(freeze_start=0.0)
+    callback = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.0)
     trainer = Trainer(
         model=_model(),
         args=_args(tmp_path, max_steps=3),  # an epoch is 4 steps
         train_dataset=RandomImages(64),
         callbacks=[callback],
     )
-    with pytest.warns(UserWarning, match=r"freezes at 0 epoch end\(s\).*Use freeze_every='step'"):
+    with pytest.warns(UserWarning, match=r"freezes at 0 epoch end\(s\).*Use freeze_every='auto'.* or 'step'"):
         trainer.train()
     assert callback.frozen_units == 0  # nothing froze while training; nothing is made to look as if it had
     stepwise = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
@@ -386,7 +393,7 @@ def test_a_run_shorter_than_its_freezing_epochs_warns_and_reports_what_it_traine
 
 def test_resume_with_changed_options_says_which_by_name(tmp_path):
     overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")  # saved with freeze_start=0.25, level 1.0
-    callback = LayerFreezingCallback(freeze_start=0.25, freeze_level=0.5)
+    callback = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25, freeze_level=0.5)
     trainer = Trainer(
         model=_model(),
         args=_args(tmp_path / "resumed", **overrides),
@@ -403,7 +410,7 @@ def test_resume_with_changed_options_says_which_by_name(tmp_path):
 
 def test_restore_callback_states_says_the_users_options_were_replaced(tmp_path):
     overrides = _train_four_epochs_with_checkpoints(tmp_path / "full")
-    given = LayerFreezingCallback(freeze_start=0.25, freeze_level=0.5)
+    given = LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25, freeze_level=0.5)
     trainer = Trainer(
         model=_model(),
         args=_args(tmp_path / "resumed", restore_callback_states_from_checkpoint=True, **overrides),
@@ -427,7 +434,7 @@ def test_resume_with_the_same_options_warns_nothing(tmp_path):
         model=_model(),
         args=_args(tmp_path / "resumed", **overrides),
         train_dataset=RandomImages(64),
-        callbacks=[LayerFreezingCallback(freeze_start=0.25)],
+        callbacks=[LayerFreezingCallback(freeze_every="epoch", freeze_start=0.25)],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(differ from the checkpoint|replaced your)")
@@ -511,3 +518,45 @@ def test_tensorboard_receives_every_freeze_at_its_own_step(tmp_path):
     logged = {log["step"]: log["layer_freeze/frozen_units"] for log in trainer.state.log_history if "loss" in log}
     assert shown == logged and len(shown) == 8
     assert len(set(shown.values())) >= 4  # the freezes, each at its own step
+
+
+class _CountsAtStepEnd(TrainerCallback):
+    """The callback's frozen count after every step (list it after the callback)."""
+
+    def __init__(self, callback):
+        self.callback, self.counts = callback, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counts.append(self.callback.frozen_units)
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, by", [(2, 4, "step"), (10, 2, "epoch")])
+def test_the_default_freezes_by_step_in_a_short_fine_tuning_run_and_by_epoch_in_a_long_one(
+    tmp_path, epochs, steps_per_epoch, by
+):
+    callback = LayerFreezingCallback()  # freeze_every="auto", the card's start and level
+    counts = _CountsAtStepEnd(callback)
+    args = _args(tmp_path, num_train_epochs=epochs, per_device_train_batch_size=16, logging_steps=50)
+    dataset = RandomImages(16 * steps_per_epoch)
+    Trainer(model=_model(), args=args, train_dataset=dataset, callbacks=[callback, counts]).train()
+    total = epochs * steps_per_epoch
+    changes = [step for step in range(1, total) if counts.counts[step] != counts.counts[step - 1]]
+    if by == "step":  # 2 epochs: by epoch nothing would freeze before the last step; here the schedule is followed
+        expected = [callback.freezer.num_units_at(s / total) for s in range(1, total)]
+        assert counts.counts[:-1] == expected and len(changes) >= 2
+    else:  # 10 epochs: the card's rule, a freeze at each epoch end after freeze_start
+        assert changes and all((step + 1) % steps_per_epoch == 0 for step in changes)
+        assert len(changes) == sum(1 for e in range(6, 10))  # epoch ends 6..9 of 10
+
+
+def test_freezing_by_step_does_not_flood_the_logs(tmp_path):
+    recorder = EventRecorder()
+    callback = LayerFreezingCallback(freeze_every="step")
+    counts = _CountsAtStepEnd(callback)
+    args = _args(tmp_path, num_train_epochs=1, per_device_train_batch_size=2, logging_steps=50)
+    dataset = RandomImages(128)  # 64 steps
+    Trainer(model=_model(), args=args, train_dataset=dataset, callbacks=[recorder, callback, counts]).train()
+    events = sum(1 for a, b in zip(counts.counts, counts.counts[1:], strict=False) if a != b)
+    train_logs = [log for log in recorder.logs if "loss" in log]
+    assert events >= 10  # the schedule moved at many steps ...
+    assert len(train_logs) <= 2 * (64 // 50 + 1)  # ... and added at most one log per logging window

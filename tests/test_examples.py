@@ -234,3 +234,119 @@ def test_train_trainer_two_processes(tmp_path):
     )
     assert "frozen units 14/28" in proc.stdout  # half after epoch 1 of 2; no freeze after the last step
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+LORA_SMOKE = [
+    "--pretrain-steps", "5", "--max-steps", "8", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
+    "--intermediate-size", "64", "--block-size", "32", "--vocab-size", "512", "--batch-size", "8", "--use-cpu",
+]  # fmt: skip
+
+
+def test_train_lora_smoke_compares_and_freezes_then_reuses_the_pretrained_model(tmp_path):
+    command = [sys.executable, "examples/train_lora.py", *LORA_SMOKE, "--output-dir", str(tmp_path)]
+    first = _ok(_run(command, OMP_NUM_THREADS="1"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["pretraining"]["steps"] == 5 and not results["pretraining"]["cached"]
+    assert np.isfinite(results["pretraining"]["last_logged_loss"])
+    baseline, freeze = results["runs"]
+    assert (baseline["run"], freeze["run"]) == ("baseline", "freeze")
+    for run in (baseline, freeze):
+        assert run["steps"] == 8 and len(run["step_times_s"]) == 8
+        assert np.isfinite(run["eval_loss"]) and run["perplexity"] == pytest.approx(np.exp(run["eval_loss"]))
+        assert run["train_time_s"] > 0 and run["steps_per_s"] > 0
+    assert baseline["frozen_units"] == 0
+    assert 0 < freeze["frozen_units"] <= freeze["num_units"]
+    assert results["frozen_part_steps"] and freeze["frozen_part_steps_per_s"] > 0
+    assert "| baseline |" in first.stdout and "| freeze |" in first.stdout
+
+    again = _ok(_run([*command, "--no-compare"], OMP_NUM_THREADS="1"))
+    assert "pretraining (cached in" in again.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["pretraining"]["cached"] and [run["run"] for run in results["runs"]] == ["freeze"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-modules", "q_proj", "qkv"], "--target-modules must be among q_proj, k_proj, v_proj, o_proj"),
+        (["--num-heads", "3"], "--num-heads must divide --hidden-size 128, got 3"),
+    ],
+)
+def test_train_lora_bad_input_is_a_clear_error(tmp_path, args, message):
+    proc = _run([sys.executable, "examples/train_lora.py", *args, "--output-dir", str(tmp_path)])
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("train_timm.py", "--epochs EPOCHS passes over the training images (default: 12)"),
+        ("train_trainer.py", "--epochs EPOCHS passes over the training images (default: 12)"),
+        ("train_lora.py", "--epochs EPOCHS fine-tuning epochs (default: 3)"),
+    ],
+)
+def test_examples_help_shows_defaults(script, expected):
+    proc = _ok(_run([sys.executable, f"examples/{script}", "--help"]))
+    assert expected in " ".join(proc.stdout.split())  # argparse wraps lines to the terminal's width
+    assert "(default: 0.5)" in proc.stdout  # --freeze-start
+
+
+@pytest.fixture(scope="module")
+def text_data():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import text_data
+
+        yield text_data
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
+def test_text_data_split_shares_no_topic(text_data):
+    topics = text_data.load_topics()
+    split = text_data.split_topics(topics, held_out_fraction=0.3, eval_fraction=0.2, seed=0)
+    assert set(split.pretrain).isdisjoint(split.finetune_train)
+    assert set(split.pretrain) | set(split.finetune_train) == set(topics)
+    assert split.finetune_eval and set(split.finetune_eval) <= set(split.finetune_train)
+    for name, text in split.finetune_eval.items():  # the held-out end of the topic, disjoint from its training text
+        assert topics[name].startswith(split.finetune_train[name]) and topics[name].endswith(text)
+        assert len(split.finetune_train[name]) + len(text) <= len(topics[name])
+    held_out = sum(len(topics[name]) for name in split.finetune_train) / sum(map(len, topics.values()))
+    assert 0.3 <= held_out < 0.3 + max(map(len, topics.values())) / sum(map(len, topics.values()))
+    assert text_data.split_topics(topics, seed=0) == text_data.split_topics(topics, seed=0)
+    assert text_data.split_topics(topics, seed=1).finetune_train.keys() != split.finetune_train.keys()
+    with pytest.raises(ValueError, match="held_out_fraction must be in"):
+        text_data.split_topics(topics, held_out_fraction=1.0)
+
+
+def test_text_data_tokenizer_round_trips_a_sentence(text_data, tmp_path):
+    split = text_data.split_topics(text_data.load_topics())
+    tokenizer = text_data.build_tokenizer(split.pretrain.values(), vocab_size=512)
+    sentence = "The assert statement is a convenient way to insert debugging assertions into a program."
+    ids = tokenizer(sentence)["input_ids"]
+    assert tokenizer.decode(ids) == sentence and len(ids) < len(sentence) / 2
+    assert len(tokenizer) == 512
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|endoftext|>", "<|pad|>")
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    again = text_data.build_tokenizer(split.pretrain.values(), vocab_size=512, cache_dir=tmp_path)
+    assert again.get_vocab() == tokenizer.get_vocab()  # deterministic
+    assert len(list(tmp_path.glob("tokenizer-*/tokenizer.json"))) == 1
+    cached = text_data.build_tokenizer(split.pretrain.values(), vocab_size=512, cache_dir=tmp_path)
+    assert cached(sentence)["input_ids"] == ids
+
+
+def test_text_data_token_blocks_have_the_requested_length(text_data):
+    split = text_data.split_topics(text_data.load_topics())
+    tokenizer = text_data.build_tokenizer(split.pretrain.values(), vocab_size=512)
+    texts = list(split.finetune_eval.values())
+    blocks = text_data.token_blocks(texts, tokenizer, block_size=64)
+    ids = []  # run_clm's recipe: each text, then the end-of-sequence token, all concatenated
+    for text in texts:
+        ids += [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert len(blocks) == len(ids) // 64 > 0
+    assert blocks.column_names == ["input_ids", "attention_mask", "labels"]
+    for row in blocks:
+        assert len(row["input_ids"]) == 64 and row["labels"] == row["input_ids"] and set(row["attention_mask"]) == {1}
+    assert [token for row in blocks for token in row["input_ids"]] == ids[: len(blocks) * 64]
+    with pytest.raises(ValueError, match="block_size 100000 is longer than the whole text"):
+        text_data.token_blocks(texts[:1], tokenizer, block_size=100_000)

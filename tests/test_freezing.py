@@ -151,10 +151,11 @@ def test_named_param_groups_stay_aligned():
 def test_one_bookkeeper_per_optimizer():
     model = tiny_timm()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    LayerFreezer(model, optimizer).update(0.8)
-    second = LayerFreezer(model, optimizer)  # e.g. trainer.train() called twice
-    assert second.frozen_units == LayerFreezer(model, optimizer).frozen_units > 0
-    assert frozen_param_groups(optimizer) is second._param_groups
+    first = LayerFreezer(model, optimizer)
+    first.update(0.8)
+    second = LayerFreezer(model, optimizer)  # e.g. trainer.train() called twice with keep_frozen=True
+    assert second.num_units == first.num_units - first.frozen_units > 0  # what trains now
+    assert second._param_groups == [frozen_param_groups(optimizer)]
     assert len(optimizer.state_dict()["param_groups"][0]["params"]) == len(list(model.parameters()))
 
 
@@ -260,13 +261,154 @@ def test_under_distributed_a_bare_model_outside_ddp_fails_loudly(monkeypatch):
         model(torch.randn(2, 3, 32, 32))
 
 
-def test_deepspeed_is_refused_with_the_next_step():
-    model = tiny_timm()
-    engine_type = type("DeepSpeedEngine", (nn.Module,), {"__module__": "deepspeed.runtime.engine"})
-    engine = engine_type()
+def _deepspeed_class(module: str, name: str, base: type = object, **namespace) -> type:
+    """A stand-in named and placed as DeepSpeed's own class, so these tests need no deepspeed."""
+    return type(name, (base,), {"__module__": module, **namespace})
+
+
+DEEPSPEED_OPTIMIZERS = {
+    "zero2": ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+    "zero3": ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"),
+    "bf16": ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer"),
+}
+
+
+def _zero_optimizer(model, kind: str = "zero2"):
+    """
+    A stand-in for DeepSpeed's ZeRO (or bf16) optimizer: no torch optimizer, its base optimizer in `.optimizer`, over
+    a flat fp32 copy of the parameters, whose groups it shows as its own `param_groups`.
+    """
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    zero = _deepspeed_class(*DEEPSPEED_OPTIMIZERS[kind], param_groups=param_groups)()
+    flat = nn.Parameter(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    zero.optimizer = torch.optim.AdamW([flat], lr=1e-3)
+    return zero
+
+
+def _accelerate_wrapper(optimizer):
+    """What `accelerator.prepare` returns under DeepSpeed, and the Trainer hands its callbacks."""
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+
+    Accelerator(cpu=True)  # the wrapper reads Accelerate's state
+    return DeepSpeedOptimizerWrapper(optimizer)
+
+
+def _partition_like_zero3(model):
+    for index, param in enumerate(model.parameters()):
+        param.ds_id, param.ds_status = index, "NOT_AVAILABLE"
+    return model
+
+
+def _dummy_optim(model):
+    from accelerate.utils.deepspeed import DummyOptim
+
+    return DummyOptim(model.parameters())
+
+
+def _engine(model):
+    engine = _deepspeed_class("deepspeed.runtime.engine", "DeepSpeedEngine", nn.Module)()
     engine.add_module("module", model)
-    with pytest.raises(NotImplementedError, match="does not support DeepSpeed.*Use DDP or FSDP"):
-        LayerFreezer(engine, torch.optim.SGD(model.parameters(), lr=0.1))
+    return engine
+
+
+# Every (model, optimizer) a freezer can be given under DeepSpeed.
+DEEPSPEED_SETUPS = {
+    # The Trainer's callbacks: the bare model, and Accelerate's wrapper around DeepSpeed's optimizer.
+    "trainer_zero2": lambda m: (m, _accelerate_wrapper(_zero_optimizer(m))),
+    "trainer_zero3": lambda m: (_partition_like_zero3(m), _accelerate_wrapper(_zero_optimizer(m, "zero3"))),
+    "trainer_bf16": lambda m: (m, _accelerate_wrapper(_zero_optimizer(m, "bf16"))),
+    "trainer_zero_off_fp32": lambda m: (m, _accelerate_wrapper(torch.optim.AdamW(m.parameters(), lr=1e-3))),
+    "trainer_several_optimizers": lambda m: (
+        m,
+        [torch.optim.SGD(m.parameters(), lr=0.1), _accelerate_wrapper(_zero_optimizer(m))],
+    ),
+    # An Accelerate loop: accelerator.prepare returns the engine and the wrapper.
+    "accelerate_engine": lambda m: (_engine(m), _accelerate_wrapper(_zero_optimizer(m))),
+    # deepspeed.initialize's own returns, with the engine or the model inside it.
+    "deepspeed_engine": lambda m: (_engine(m), _zero_optimizer(m)),
+    "deepspeed_inner_model": lambda m: (m, _zero_optimizer(m)),
+    # Each sign alone: the engine, even compiled, with a plain optimizer.
+    "engine_alone": lambda m: (_engine(m), torch.optim.SGD(m.parameters(), lr=0.1)),
+    "compiled_engine_alone": lambda m: (torch.compile(_engine(m)), torch.optim.SGD(m.parameters(), lr=0.1)),
+    # Accelerate's placeholder for an optimizer the DeepSpeed config defines.
+    "dummy_optim": lambda m: (m, _dummy_optim(m)),
+    # ZeRO-3's partitioned parameters, whatever optimizer comes with them.
+    "zero3_parameters": lambda m: (_partition_like_zero3(m), torch.optim.SGD(m.parameters(), lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("setup", list(DEEPSPEED_SETUPS))
+def test_deepspeed_is_refused_with_the_next_step(setup):
+    model, optimizer = DEEPSPEED_SETUPS[setup](tiny_timm())
+    with pytest.raises(NotImplementedError, match=r"does not support DeepSpeed.*Use DDP or FSDP.*\(Found: "):
+        LayerFreezer(model, optimizer, freeze_start=0.5)
+
+
+@pytest.fixture
+def no_accelerate_state():
+    """Accelerate's state as in a process where nothing initialized it yet; restored afterwards."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = [(cls._shared_state, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState)]
+    for shared, _ in saved:
+        shared.clear()
+    yield
+    for shared, values in saved:
+        shared.clear()
+        shared.update(values)
+
+
+def test_deepspeed_is_refused_when_accelerate_runs_it(monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    Accelerator(cpu=True)
+    monkeypatch.setitem(AcceleratorState._shared_state, "distributed_type", DistributedType.DEEPSPEED)
+    model = tiny_timm()
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed.*AcceleratorState"):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.5)
+
+
+def test_deepspeed_is_refused_when_the_environment_asks_for_it(monkeypatch, no_accelerate_state):
+    from accelerate.state import AcceleratorState, PartialState
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    model = tiny_timm()
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed.*ACCELERATE_USE_DEEPSPEED"):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.5)
+    assert not AcceleratorState._shared_state and not PartialState._shared_state, "the check initialized Accelerate"
+
+
+def test_an_initialized_accelerator_not_running_deepspeed_outweighs_the_environment(monkeypatch):
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True)  # Accelerate itself ignores ACCELERATE_USE_DEEPSPEED with cpu=True
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    model = tiny_timm()
+    LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.5)
+
+
+@pytest.mark.parametrize("given", ["wrapper", "inner_module"])
+def test_fsdp1_flat_parameters_are_refused_whichever_module_is_given(tmp_path, given):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        flat = FullyShardedDataParallel(tiny_timm(), device_id=torch.device("cpu"), use_orig_params=False)
+        optimizer = torch.optim.SGD(flat.parameters(), lr=0.1)
+        with pytest.raises(NotImplementedError, match="needs FSDP's `use_orig_params=True`"):
+            LayerFreezer(flat if given == "wrapper" else flat.module, optimizer, freeze_start=0.5)
+        # with the original parameters, the same model is frozen unit by unit
+        orig = FullyShardedDataParallel(tiny_timm(), device_id=torch.device("cpu"), use_orig_params=True)
+        freezer = LayerFreezer(
+            orig if given == "wrapper" else orig.module, torch.optim.SGD(orig.parameters(), lr=0.1), freeze_start=0.5
+        )
+        assert freezer.num_units > 1
+    finally:
+        dist.destroy_process_group()
 
 
 def test_missing_ddp_internals_fail_loudly_when_the_freezer_is_built(monkeypatch):
@@ -335,3 +477,54 @@ def test_the_checked_ddp_internals_exist_in_this_torch(tmp_path):
             check_ddp_internals(ddp)
     finally:
         dist.destroy_process_group()
+
+
+def test_several_optimizers_each_lose_the_frozen_parameters_and_keep_their_layout():
+    model = tiny_timm()
+    head = list(model.get_classifier().parameters())
+    head_ids = {id(p) for p in head}
+    body = torch.optim.AdamW([p for p in model.parameters() if id(p) not in head_ids], lr=1e-3)
+    head_optimizer = torch.optim.SGD(head, lr=0.1, momentum=0.9)
+    train_steps(model, _Both(body, head_optimizer))
+    layouts = [[len(g["params"]) for g in o.state_dict()["param_groups"]] for o in (body, head_optimizer)]
+    freezer = LayerFreezer(model, [body, head_optimizer], freeze_start=0.0)
+    freezer.update(1.0)  # every unit: the body optimizer is emptied, the head's keeps training
+    frozen = {id(p) for unit in freezer.units for p in unit.parameters}
+    for optimizer in (body, head_optimizer):
+        assert not {id(p) for g in optimizer.param_groups for p in g["params"]} & frozen
+    assert [len(g["params"]) for g in head_optimizer.param_groups] == layouts[1]
+    # checkpoints keep each optimizer's full standard layout
+    assert [[len(g["params"]) for g in o.state_dict()["param_groups"]] for o in (body, head_optimizer)] == layouts
+    freezer.unfreeze()
+    assert sorted(id(p) for g in body.param_groups for p in g["params"]) == sorted(frozen)
+
+
+def test_trainable_parameters_in_no_optimizer_given_are_counted_in_a_warning():
+    model = tiny_timm()
+    units = freezable_units(model)
+    half = [p for unit in units[:10] for p in unit.parameters]
+    given = torch.optim.SGD([p for p in model.parameters() if all(p is not q for q in half)], lr=0.1)
+    expected = f"{len(half)} trainable parameter tensors \\({sum(p.numel() for p in half):,} elements\\)"
+    with pytest.warns(UserWarning, match=f"{expected} that this LayerFreezer may freeze are in none of the 1"):
+        LayerFreezer(model, given)
+
+
+@pytest.mark.parametrize("optimizer", [[], "adam", [torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1), 3]])
+def test_a_bad_optimizer_argument_is_a_one_line_value_error(optimizer):
+    with pytest.raises(ValueError, match="^optimizer must be a torch.optim.Optimizer or a non-empty list of them"):
+        LayerFreezer(tiny_timm(), optimizer)
+
+
+class _Both:
+    """Steps two optimizers as one, for `train_steps`."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    def zero_grad(self):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()

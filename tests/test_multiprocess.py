@@ -170,3 +170,4 @@ def test_fsdp1_flat_parameters_are_refused_with_the_next_step(tmp_path):
     ranks = _torchrun_fsdp(tmp_path, "1-flat")
     for result in ranks:
         assert "use_orig_params=True" in result["refused"]
+        assert "use_orig_params=True" in result["refused_inner_module"]

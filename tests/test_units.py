@@ -7,7 +7,7 @@ from torch import nn
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
 from hf_layer_freeze import freezable_units
-from hf_layer_freeze.units import classifier_modules
+from hf_layer_freeze.heads import classifier_modules
 
 TIMM_FAMILIES = ["resnet10t", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"]
 
@@ -60,22 +60,25 @@ def test_head_is_found_inside_transformers_timm_wrapper():
     _partition_ok(model, units)
 
 
-def test_plain_module_excludes_its_last_unit():
+def test_plain_module_excludes_its_last_unit_and_says_so_by_name():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(1, 3, 8, 8))
-    names = [unit.name for unit in freezable_units(model)]
+    with pytest.warns(UserWarning, match="No rule names the head of Sequential.*its last trainable unit, '4'"):
+        names = [unit.name for unit in freezable_units(model)]
     assert names == ["0", "1"]
 
 
-def test_timm_backbone_without_head_inside_a_user_module_falls_back_to_the_last_unit():
+def test_headless_timm_backbone_inside_a_user_module_keeps_the_users_head_and_freezes_the_whole_backbone():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.backbone = tiny_timm("resnet10t", num_classes=0)  # get_classifier() is nn.Identity
             self.classifier = nn.Linear(512, 3)
 
-    names = [unit.name for unit in freezable_units(Net())]
-    assert names[0] == "backbone.conv1.0" and "classifier" not in names
+    net = Net()
+    names = [unit.name for unit in freezable_units(net)]
+    assert names == [f"backbone.{unit.name}" for unit in freezable_units(net.backbone)]  # its last unit included
+    assert "classifier" not in names
 
 
 def test_shared_parameter_belongs_to_the_first_unit():
@@ -152,3 +155,16 @@ def test_a_timm_model_without_head_keeps_its_last_unit():
     headless = freezable_units(tiny_timm("resnet10t", num_classes=0))
     with_head = freezable_units(tiny_timm("resnet10t", num_classes=10))
     assert [u.name for u in headless] == [u.name for u in with_head]
+
+
+def test_block_granularity_sees_the_timm_model_inside_a_peft_model():
+    peft = pytest.importorskip("peft")
+    model = tiny_timm("vit_tiny_patch16_224", num_classes=3)
+    with_qkv = [u.name for u in freezable_units(model, "block") if any(".qkv." in n for n in u.parameter_names)]
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["qkv"], modules_to_save=["head"]))
+    units = freezable_units(lora, "block")
+    # one unit per group of the bare model's group_matcher() that holds a block (the last one holds the final norm
+    # too, so it is named by the root), each with that block's adapters (the stem and norms are frozen by PEFT)
+    assert [u.name for u in units] == [f"base_model.model.{n}".rstrip(".") for n in with_qkv]
+    assert len(units) == len(model.blocks)
+    assert all(len(u.parameters) == 2 for u in units)

@@ -1,7 +1,8 @@
 """Worker for tests/test_multiprocess.py: LayerFreezer under FSDP2 (`fully_shard`) or FSDP1, 2 processes, gloo.
 
 Run with `torchrun --nproc_per_node 2 fsdp_worker.py --out DIR --fsdp {2,1-orig,1-flat}`. Checks after every step
-that the full (unsharded) parameters are identical on both ranks and that frozen ones are unchanged.
+that the full (unsharded) parameters are identical on both ranks and that frozen ones are unchanged; with `1-flat`,
+that the freezer refuses the wrapper and the module inside it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def main() -> int:
     except NotImplementedError as error:
         result["refused"] = str(error)
         freezer = None
+    if args.fsdp == "1-flat":  # the module inside the wrapper holds the flat parameters: refused too
+        try:
+            LayerFreezer(model.module, optimizer, freeze_start=0.2, freeze_level=1.0)
+        except NotImplementedError as error:
+            result["refused_inner_module"] = str(error)
     identical, unchanged, counts = True, True, []
     if freezer is not None:
         generator = torch.Generator().manual_seed(100 + rank)

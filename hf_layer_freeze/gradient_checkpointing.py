@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .units import FreezableUnit
+from .events import FreezeEvent
 from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class _InputsRequireGrad:
 
 class CheckpointInputGrads:
     """
-    Makes the input of the first checkpointed layer that still trains require a gradient, so that re-entrant
-    gradient checkpointing keeps training every unit after the frozen prefix. Call `update` after each freeze.
+    A freeze listener that makes the input of the first checkpointed layer that still trains require a gradient, so
+    that re-entrant gradient checkpointing keeps training every unit after the frozen prefix.
 
     Args:
         model (`torch.nn.Module`):
@@ -79,36 +79,57 @@ class CheckpointInputGrads:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap_model(model)
+        # One hook for the freezer's life, reading the current state: an event may come from inside a forward (the
+        # first-forward profile), where removing a hook the running forward has listed would break that forward.
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._layer: nn.Module | None = None
         self._timm_checkpointing_modules: list[nn.Module] = []
         self._warned = False
 
-    def update(self, units: list[FreezableUnit], frozen_units: int) -> None:
-        """Move the fix to the first unit that still trains (none while nothing is frozen, or everything is)."""
-        self.close()
-        if frozen_units == 0 or frozen_units >= len(units):
-            return
-        first_trainable = units[frozen_units].module
+    def on_freeze_event(self, event: FreezeEvent) -> None:
+        """Move the fix to the first unit that still trains. Also before anything is frozen by this freezer:
+        parameters frozen before it (PEFT's base weights, an embedding frozen by hand) stop the checkpoint's input
+        from requiring a gradient just the same."""
+        self._unwrap_layer()
+        self._timm_checkpointing_modules = []
+        first = event.first_trainable
+        if first is None or all(p.requires_grad for p in self.model.parameters()):
+            return  # everything frozen, or nothing: no input to fix
         layer_type = _transformers_checkpoint_layer()
         if layer_type is not None:
             # The outermost transformers layer around the first trainable unit: that is the checkpoint boundary.
             for module in self.model.modules():
-                if isinstance(module, layer_type) and any(m is first_trainable for m in module.modules()):
+                if isinstance(module, layer_type) and any(m is first.module for m in module.modules()):
                     self._layer = module
                     break
         if self._layer is not None:
             self._wrap_layer_checkpoint_function()
-            self._handle = self.model.register_forward_pre_hook(self._wrap_layer_checkpoint_function)
         else:
             self._timm_checkpointing_modules = [m for m in self.model.modules() if hasattr(m, "grad_checkpointing")]
-            if self._timm_checkpointing_modules:
-                self._handle = self.model.register_forward_pre_hook(self._model_input_requires_grad, with_kwargs=True)
+        if (self._layer is not None or self._timm_checkpointing_modules) and self._handle is None:
+            self._handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
-    def _wrap_layer_checkpoint_function(self, *hook_args: Any) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._layer is not None:
+            # transformers' gradient_checkpointing_enable sets the function anew: wrap it again if so
+            self._wrap_layer_checkpoint_function()
+            return None
+        if self._timm_checkpointing_modules:
+            return self._model_input_requires_grad(module, args, kwargs)
+        return None
+
+    def _wrap_layer_checkpoint_function(self) -> None:
         function = getattr(self._layer, "_gradient_checkpointing_func", None)
         if function is not None and not isinstance(function, _InputsRequireGrad):
             self._layer._gradient_checkpointing_func = _InputsRequireGrad(function)
+
+    def _unwrap_layer(self) -> None:
+        """Give the layer back its own checkpoint function."""
+        if self._layer is not None:
+            function = getattr(self._layer, "_gradient_checkpointing_func", None)
+            if isinstance(function, _InputsRequireGrad):
+                self._layer._gradient_checkpointing_func = function.checkpoint_function
+            self._layer = None
 
     def _timm_reentrant_checkpointing(self) -> bool:
         """Whether a timm model inside the model checkpoints its blocks, re-entrantly."""
@@ -125,11 +146,8 @@ class CheckpointInputGrads:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        if self._layer is not None:
-            function = getattr(self._layer, "_gradient_checkpointing_func", None)
-            if isinstance(function, _InputsRequireGrad):
-                self._layer._gradient_checkpointing_func = function.checkpoint_function
-            self._layer = None
+        self._unwrap_layer()
+        self._timm_checkpointing_modules = []
 
     def _model_input_requires_grad(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not (module.training and torch.is_grad_enabled() and self._timm_reentrant_checkpointing()):

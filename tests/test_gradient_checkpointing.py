@@ -85,3 +85,24 @@ def test_trainer_gradient_checkpointing_trains_every_unfrozen_tensor_at_every_st
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, watch]).train()
     assert callback.frozen_units > 0
     assert watch.trained_exactly_the_unfrozen(), watch.steps
+
+
+@pytest.mark.parametrize("frozen_units", [0, 3])
+def test_a_hand_frozen_embedding_does_not_stop_reentrant_checkpoints_from_the_first_step(frozen_units):
+    """PEFT freezes every base weight, users freeze embeddings: the first checkpointed layer's input then requires no
+    gradient, and with re-entrant checkpointing every layer after it would silently stop training, before this
+    freezer freezes anything."""
+
+    def build(checkpointing):
+        model = _transformers_vit(checkpointing)
+        for param in model.vit.embeddings.parameters():
+            param.requires_grad_(False)
+        return model
+
+    expected, _ = _gradients(build(None), frozen_units)
+    got, _ = _gradients(build("reentrant"), frozen_units)
+    assert set(got) == set(expected)
+    missing = [n for n, g in got.items() if g is None]
+    assert not missing, f"{len(missing)} of {len(got)} trainable tensors got no gradient: {missing[:4]}"
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
