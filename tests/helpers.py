@@ -111,3 +111,50 @@ class StepWatch(TrainerCallback):
     def trained_exactly_the_unfrozen(self) -> bool:
         """Every still-trainable tensor changed at every step, and no frozen one ever did."""
         return bool(self.steps) and all(changed == still and not moved for changed, still, moved in self.steps)
+
+
+class RandomTokenDataset(torch.utils.data.Dataset):
+    """Fixed random token sequences as dicts the Trainer understands: `labels` is a class (sequence classification)
+    or, with `causal=True`, the tokens themselves (causal LM)."""
+
+    def __init__(self, n: int = 40, length: int = 12, vocab: int = 100, num_classes: int = 3, causal: bool = False):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=generator)
+        self.classes = torch.randint(0, num_classes, (n,), generator=generator)
+        self.causal = causal
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        labels = ids if self.causal else self.classes[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+class FreezeTimeline(TrainerCallback):
+    """
+    Which parameters are frozen after every optimizer step of a `Trainer` run, read from `requires_grad` (the ground
+    truth, not the freezer's own account). `trainable_at_begin` / `frozen_at_begin`: parameter names at
+    `on_train_begin`; `steps[i]`: the names of `trainable_at_begin` frozen after step i + 1; `unfrozen_at_begin`: the
+    names of `frozen_at_begin` (a PEFT base weight) that required a gradient after any step. List it after
+    `LayerFreezingCallback`.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[frozenset[str]] = []
+        self.unfrozen_at_begin: set[str] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        named = dict(model.named_parameters())
+        self.trainable_at_begin = [n for n, p in named.items() if p.requires_grad]
+        self.frozen_at_begin = {n for n, p in named.items() if not p.requires_grad}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        named = dict(model.named_parameters())
+        self.steps.append(frozenset(n for n in self.trainable_at_begin if not named[n].requires_grad))
+        self.unfrozen_at_begin |= {n for n in self.frozen_at_begin if named[n].requires_grad}
+
+    def first_frozen_step(self, name: str) -> int | None:
+        """The step (1-based) after which `name` was first frozen, `None` if never."""
+        return next((i + 1 for i, frozen in enumerate(self.steps) if name in frozen), None)
