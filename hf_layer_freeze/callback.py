@@ -17,7 +17,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .compiled import resolve_max_freeze_events
 from .freezer import LayerFreezer
-from .options import FreezeOptions
+from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, validate_choice
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             checkpoint, and the criterion is logged as `layer_freeze/grad_norm_change_*`.
         head (`str` or `list[str]`, *optional*):
             As in [`LayerFreezer`]: names of the head modules, never frozen (by default found by rule).
+        cache_activations, cache_max_bytes:
+            As in [`LayerFreezer`]: activation caching, off by default; its hit rate and host memory are logged as
+            `layer_freeze/cache_hit_rate` and `layer_freeze/cache_bytes`.
         keep_frozen (`bool`, *optional*, defaults to `False`):
             At the end of training the model is given back as it was given: frozen parameters require gradients
             again and are back in the optimizer (`LayerFreezer.unfreeze`), exactly those the callback froze, so a
@@ -113,6 +116,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         check_every: int = 20,
         change_threshold: float = 1.0,
         head: str | list[str] | None = None,
+        cache_activations: bool = False,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
     ) -> None:
         self.options = FreezeOptions(
             freeze_start=freeze_start,
@@ -126,6 +131,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             check_every=check_every,
             change_threshold=change_threshold,
             head=head,
+            cache_activations=cache_activations,
+            cache_max_bytes=cache_max_bytes,
         )
         self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
         if not isinstance(keep_frozen, bool):
@@ -264,6 +271,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             "layer_freeze/frozen_units": self.frozen_units,
             "layer_freeze/frozen_params": result.frozen_params,
         }
+        if self.freezer.activation_cache is not None:
+            metrics.update(self.freezer.activation_cache.take_metrics())
         changes = self.freezer.gradient_norms.last_changes if self.freezer.gradient_norms is not None else []
         if changes:  # schedule="adaptive": the criterion at the last check
             finite = [c for c in changes if math.isfinite(c)]

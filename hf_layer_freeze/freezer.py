@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .activation_cache import ActivationCache
 from .adaptive import GradientNormTracker
 from .batchnorm import BatchNormLock
 from .compiled import CompiledCodeInvalidation, resolve_max_freeze_events
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
 from .gradient_checkpointing import CheckpointInputGrads
-from .options import FreezeOptions
+from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
 from .record import FrozenRecord
@@ -143,6 +144,15 @@ class LayerFreezer:
             Names of the head modules (as in `model.named_modules()`, or of the model PEFT wraps), never frozen.
             By default the head is found by rule (see `heads.py`: PEFT, timm, transformers, a backbone inside your
             module), and where no rule applies the last unit is taken as head, with a warning naming it.
+        cache_activations (`bool`, *optional*, defaults to `False`):
+            Activation caching (AutoFreeze, arXiv 2102.01386): once the embeddings and a prefix of blocks are frozen,
+            keep the output of the last frozen block for each training example in host memory, keyed by the exact
+            bytes of its inputs, and skip the frozen prefix's forward for a batch whose examples are all cached. The
+            frozen prefix then runs in eval mode (dropout off). transformers BERT, RoBERTa, ViT and Llama (PEFT on
+            them included) and timm ViT and ResNet; other models get a `NotImplementedError`. See
+            `activation_cache.py`.
+        cache_max_bytes (`int`, *optional*, defaults to 4 GiB):
+            Host memory for the cached outputs and their keys, in bytes; past it, examples are computed.
 
     Raises:
         `ValueError`: a bad option (named, with the allowed values), a model with no freezable unit, an optimizer
@@ -192,6 +202,8 @@ class LayerFreezer:
         check_every: int = 20,
         change_threshold: float = 1.0,
         head: str | Sequence[str] | None = None,
+        cache_activations: bool = False,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
     ) -> None:
         options = FreezeOptions(
             freeze_start=freeze_start,
@@ -205,6 +217,8 @@ class LayerFreezer:
             check_every=check_every,
             change_threshold=change_threshold,
             head=head,
+            cache_activations=cache_activations,
+            cache_max_bytes=cache_max_bytes,
         )
         self.options = options
         if not isinstance(model, nn.Module):
@@ -244,6 +258,10 @@ class LayerFreezer:
         self.listeners.append(CompiledCodeInvalidation(model))
         if options.freeze_batchnorm:
             self.listeners.append(BatchNormLock(model))
+        self.activation_cache: ActivationCache | None = None
+        if options.cache_activations:
+            self.activation_cache = ActivationCache(model, options.cache_max_bytes)
+            self.listeners.append(self.activation_cache)
         self._notify(FreezeEvent(tuple(self.units), 0))  # parameters frozen before the freezer count from now
 
     @property

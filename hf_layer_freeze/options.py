@@ -15,6 +15,7 @@ from .schedule import validate_choice, validate_freeze_level, validate_freeze_st
 __all__ = ["BUDGETS", "GRANULARITIES", "ORDERS", "SCHEDULES", "FreezeOptions"]
 
 SCHEDULES = ("linear", "adaptive")
+DEFAULT_CACHE_MAX_BYTES = 4 * 2**30  # host memory for cached activations: 4 GiB
 ORDERS = ("definition", "execution")
 GRANULARITIES = ("module", "block")
 BUDGETS = ("units", "params", "flops")
@@ -53,6 +54,8 @@ class FreezeOptions:
     check_every: int = 20
     change_threshold: float = 1.0
     head: tuple[str, ...] | None = None
+    cache_activations: bool = False
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalize ints to floats through object.__setattr__
@@ -72,6 +75,11 @@ class FreezeOptions:
             raise ValueError(f"change_threshold must be a positive number, got {threshold!r}")
         object.__setattr__(self, "change_threshold", float(threshold))
         object.__setattr__(self, "head", _validate_head(self.head))
+        if not isinstance(self.cache_activations, bool):
+            raise ValueError(f"cache_activations must be True or False, got {self.cache_activations!r}")
+        budget = self.cache_max_bytes
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"cache_max_bytes must be an integer >= 1 (bytes of host memory), got {budget!r}")
         events = self.max_freeze_events
         if events is not None and (isinstance(events, bool) or not isinstance(events, int) or events < 1):
             raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {events!r}")

@@ -1,0 +1,501 @@
+"""Activation caching (opt-in, `cache_activations=True`): skip the frozen prefix's forward when training inputs repeat.
+
+Freezing a prefix saves its backward and its optimizer update, never its forward. When the training examples repeat
+from epoch to epoch (fine-tuning on a fixed tokenized or preprocessed dataset), the frozen prefix computes the same
+output for the same example every epoch. AutoFreeze (Liu et al., arXiv 2102.01386) caches it and reports up to
+2.55x on BERT fine-tuning; Egeria (Wang et al., arXiv 2201.06227) caches too. This listener does it for the model
+families whose structure it knows:
+
+- transformers BERT, RoBERTa, ViT and Llama (and PEFT models on them): the embeddings, then the layers listed in
+  `_no_split_modules`, held in one `ModuleList`;
+- timm `VisionTransformer` (patch embedding, then `blocks`) and `ResNet` (stem, then the stages `layer1`..`layer4`).
+
+Once the embeddings (or stem) and a prefix of blocks are all frozen, the output of the last frozen block (the *cut*)
+for each training example is kept in host memory, keyed by the exact bytes of every input tensor of that example
+(dtype and shape included; `labels` never reach the prefix and are left out): changed or augmented inputs simply
+miss and are computed. A training step whose examples are all cached skips the prefix: the frozen modules before the
+cut return placeholders (zeros of the shape they returned for inputs of this shape, which no computation after the
+cut reads on these families) and the cut returns the cached outputs. When the frozen prefix grows, outputs cached at
+an older cut serve the new one: only the blocks frozen since run on them, and the entry moves to the new cut. When
+the examples of one batch were cached at different cuts, each block runs on the rows that need it (a sub-batch, so
+those rows match an uncached run to floating-point rounding rather than bitwise).
+
+With caching on, the frozen prefix runs in eval mode whether a step hits or misses (dropout off, BatchNorm on its
+running statistics), so a cached output is exactly what the prefix computes: a warning says so when the prefix has
+dropout. Past `cache_max_bytes` (outputs and keys together), new examples are computed and not stored; nothing is
+ever served that was not computed from the same inputs by the same frozen weights (unfreezing empties the cache).
+
+Not supported, refused by name: compiled models (the cache decides in Python per step), FSDP (each frozen module
+gathers its shards in forward: ranks that skip it would desynchronize the collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .events import FreezeEvent
+from .heads import peft_base_model
+from .wrappers import is_compiled, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActivationCache", "FixedShardSampler", "PrefixLayout", "prefix_layout"]
+
+SUPPORTED_TRANSFORMERS = ("bert", "roberta", "vit", "llama")
+SUPPORTED_TIMM = ("VisionTransformer", "ResNet")
+# Inputs that never reach the frozen prefix, so they are not part of an example's key.
+UNKEYED_INPUTS = ("labels",)
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """
+    Where a model's frozen prefix can be cut.
+
+    Args:
+        before (`tuple[torch.nn.Module, ...]`): the modules the model calls before its first block, in order (the
+            embeddings, a stem); all must be frozen before anything is cached.
+        blocks (`tuple[torch.nn.Module, ...]`): the blocks, in order; the cut is the last block of the frozen prefix.
+        use_cache_input (`bool`): the model takes `use_cache` (a transformers decoder): training forwards get
+            `use_cache=False`, since frozen layers skipped on a hit would leave a key/value cache incomplete.
+        ancestor_parameters (`tuple[torch.nn.Parameter, ...]`): parameters held directly by the modules above the
+            blocks (a ViT's `cls_token` and `pos_embed`): all must be frozen before anything is cached.
+    """
+
+    before: tuple[nn.Module, ...]
+    blocks: tuple[nn.Module, ...]
+    use_cache_input: bool = False
+    ancestor_parameters: tuple[nn.Parameter, ...] = ()
+
+
+def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"cache_activations=True supports transformers {', '.join(SUPPORTED_TRANSFORMERS)} models (PEFT on them "
+        f"included) and timm {' and '.join(SUPPORTED_TIMM)}; {type(model).__name__} is not among them ({why}). "
+        "Caching needs a verified cut between the frozen prefix and the rest, where nothing after the cut reads the "
+        "prefix's inner values. Train it with cache_activations=False."
+    )
+
+
+def _children_before(ancestor_path: list[nn.Module]) -> list[nn.Module]:
+    """The children of each module on the path (root to container) defined before the next module on the path."""
+    before: list[nn.Module] = []
+    for parent, child in zip(ancestor_path, ancestor_path[1:], strict=False):
+        for sibling in parent.children():
+            if sibling is child:
+                break
+            before.append(sibling)
+    return before
+
+
+def _path_to(root: nn.Module, target: nn.Module) -> list[nn.Module] | None:
+    """The modules from `root` down to `target` (both included), or `None`."""
+    if root is target:
+        return [root]
+    for child in root.children():
+        path = _path_to(child, target)
+        if path is not None:
+            return [root, *path]
+    return None
+
+
+def _layout(root: nn.Module, first: nn.Module, blocks: tuple[nn.Module, ...], use_cache_input: bool = False):
+    """The layout whose blocks start at `first` (the blocks' container, or the first block), seen from `root`."""
+    path = _path_to(root, first)
+    ancestors = tuple(p for module in path[:-1] for p in module.parameters(recurse=False))
+    return PrefixLayout(tuple(_children_before(path)), blocks, use_cache_input, ancestors)
+
+
+def prefix_layout(model: nn.Module) -> PrefixLayout:
+    """
+    The embeddings-then-blocks layout of a supported model (see the module docstring).
+
+    Raises:
+        `NotImplementedError`: for any other model, naming what is missing.
+    """
+    root = unwrap_model(model)
+    inner = peft_base_model(root)
+    from transformers import PreTrainedModel
+
+    for module in inner.modules():
+        if isinstance(module, PreTrainedModel):
+            model_type = getattr(module.config, "model_type", None)
+            if model_type not in SUPPORTED_TRANSFORMERS:
+                raise _unsupported(module, f"model_type {model_type!r}")
+            classes = set(module._no_split_modules or ())
+            container = next(
+                (
+                    m
+                    for m in module.modules()
+                    if isinstance(m, nn.ModuleList) and len(m) and all(type(b).__name__ in classes for b in m)
+                ),
+                None,
+            )
+            if container is None:
+                raise _unsupported(module, "no ModuleList of the layers its _no_split_modules names")
+            return _layout(root, container, tuple(container), use_cache_input=model_type == "llama")
+        if type(module).__name__ == "VisionTransformer" and isinstance(getattr(module, "blocks", None), nn.Sequential):
+            return _layout(root, module.blocks, tuple(module.blocks))
+        if type(module).__name__ == "ResNet" and all(hasattr(module, f"layer{i}") for i in range(1, 5)):
+            stages = tuple(getattr(module, f"layer{i}") for i in range(1, 5))
+            return _layout(root, stages[0], stages)
+    raise _unsupported(inner, "no transformers or timm model of a supported family inside it")
+
+
+def _frozen(module: nn.Module) -> bool:
+    return all(not p.requires_grad for p in module.parameters())
+
+
+@dataclass
+class _Entry:
+    cut: int
+    output: torch.Tensor  # one example's output of block `cut`, on the host
+    nbytes: int
+
+
+@dataclass
+class _Step:
+    """What the current training forward does: `entries` is None on a miss."""
+
+    keys: list[bytes]
+    batch: int
+    signature: tuple
+    entries: list[_Entry] | None = None
+    hidden: torch.Tensor | None = None  # a hit: the batch's state at the block being run
+    shapes: dict[int, tuple] = field(default_factory=dict)
+
+
+class ActivationCache:
+    """
+    A freeze listener that caches the frozen prefix's output per training example and skips the prefix's forward
+    when a whole batch is cached (see the module docstring).
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, bare or wrapped (DDP, PEFT).
+        max_bytes (`int`):
+            Host-memory budget for cached outputs and their keys, in bytes.
+
+    Raises:
+        `NotImplementedError`: a model family it does not know, a compiled model, FSDP.
+    """
+
+    def __init__(self, model: nn.Module, max_bytes: int) -> None:
+        from .distributed import is_fsdp_managed
+
+        if is_compiled(model):
+            raise NotImplementedError(
+                "cache_activations=True does not support a compiled model: the cache decides in Python at each step "
+                "whether the prefix runs. Train uncompiled, or use cache_activations=False."
+            )
+        if is_fsdp_managed(unwrap_model(model)):
+            raise NotImplementedError(
+                "cache_activations=True does not support FSDP: ranks that skip a frozen module's forward would skip "
+                "its all-gather. Use DDP, or cache_activations=False."
+            )
+        self.model = unwrap_model(model)
+        self.layout = prefix_layout(self.model)
+        self.max_bytes = max_bytes
+        self.cut = -1
+        self.bytes = 0
+        self._entries: dict[bytes, _Entry] = {}
+        self._shapes: dict[tuple, dict[int, tuple]] = {}  # input signature -> module index -> (shape, dtype)
+        self._step: _Step | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._wrapped: list[tuple[nn.Module, Callable]] = []
+        self._warned_dropout = False
+        self.steps = self.hits = 0  # since the last `take_metrics()`
+
+    # --- listener -------------------------------------------------------------------------------------------------
+    def on_freeze_event(self, event: FreezeEvent) -> None:
+        if event.unfrozen:  # blocks train again: nothing cached stays true
+            self._entries.clear()
+            self.bytes = 0
+        cut = -1
+        ancestors_frozen = not any(p.requires_grad for p in self.layout.ancestor_parameters)
+        if ancestors_frozen and all(_frozen(m) for m in self.layout.before):
+            for index, block in enumerate(self.layout.blocks):
+                if not _frozen(block):
+                    break
+                cut = index
+        if cut != self.cut:
+            logger.info("Activation cache: the frozen prefix ends at block %d of %d.", cut, len(self.layout.blocks))
+        self.cut = cut
+        if cut >= 0 and not self._handles:
+            self._install()
+        if cut >= 0:
+            self._warn_if_the_prefix_has_dropout()
+
+    def close(self) -> None:
+        """Remove the hooks and the forward wrappers, and drop every cached output."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, wrapper in self._wrapped:
+            if module.__dict__.get("forward") is wrapper:
+                del module.forward
+        self._wrapped.clear()
+        self._entries.clear()
+        self.bytes = 0
+        self._step = None
+
+    def take_metrics(self) -> dict[str, float]:
+        """`layer_freeze/cache_hit_rate` (share of training forwards since the last call served from the cache) and
+        `layer_freeze/cache_bytes` (host memory held now)."""
+        rate = self.hits / self.steps if self.steps else 0.0
+        self.steps = self.hits = 0
+        return {"layer_freeze/cache_hit_rate": rate, "layer_freeze/cache_bytes": self.bytes}
+
+    # --- hooks ----------------------------------------------------------------------------------------------------
+    def _modules(self) -> list[tuple[int, nn.Module]]:
+        """(level, module): the `before` modules that own parameters at level -1, then each block at its index."""
+        owning = [m for m in self.layout.before if any(True for _ in m.parameters())]
+        return [(-1, m) for m in owning] + list(enumerate(self.layout.blocks))
+
+    def _install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward, always_call=True))
+        for index, (level, module) in enumerate(self._modules()):
+            wrapper = self._wrap(module, level, index, module.forward)
+            module.forward = wrapper  # the way Accelerate's hooks replace a module's forward
+            self._wrapped.append((module, wrapper))
+
+    def _region(self) -> list[nn.Module]:
+        return [*self.layout.before, *self.layout.blocks[: self.cut + 1]]
+
+    def _warn_if_the_prefix_has_dropout(self) -> None:
+        if self._warned_dropout:
+            return
+        dropouts = [m for r in self._region() for m in r.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if dropouts:
+            warnings.warn(
+                f"cache_activations=True: the frozen prefix runs in eval mode, cached or not, so its {len(dropouts)} "
+                "dropout layer(s) are off (a cached output is exactly what the prefix computes).",
+                stacklevel=4,
+            )
+            self._warned_dropout = True
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._step = None
+        if self.cut < 0 or not (module.training and torch.is_grad_enabled()):
+            return None
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            return None  # the skipped layers' outputs are asked for: compute them
+        for region_module in self._region():
+            region_module.eval()
+        keyed = _example_keys(args, kwargs)
+        if keyed is None:
+            return None
+        keys, batch, signature = keyed
+        entries = [self._entries.get(key) for key in keys]
+        self.steps += 1
+        step = _Step(keys=keys, batch=batch, signature=signature)
+        if all(e is not None for e in entries) and signature in self._shapes:
+            step.entries = entries
+            step.shapes = self._shapes[signature]
+            self.hits += 1
+        self._step = step
+        if self.layout.use_cache_input and kwargs.get("use_cache") is not False:
+            return args, {**kwargs, "use_cache": False}
+        return None
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._step = None
+
+    def _wrap(self, module: nn.Module, level: int, index: int, original: Callable) -> Callable:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            step = self._step
+            if step is None or level > self.cut:
+                return original(*args, **kwargs)
+            if step.entries is None:
+                output = original(*args, **kwargs)
+                self._record(step, index, level, output)
+                return output
+            return self._serve(step, index, level, original, args, kwargs)
+
+        return forward
+
+    # --- a miss: compute, and keep ------------------------------------------------------------------------------
+    def _record(self, step: _Step, index: int, level: int, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or output.shape[:1] != (step.batch,):
+            raise NotImplementedError(
+                f"cache_activations=True: {type(self.layout.blocks[0]).__name__ if level >= 0 else 'a module'} "
+                f"returned {type(output).__name__}, not one tensor of batch size {step.batch}; this model cannot be "
+                "cached. Use cache_activations=False."
+            )
+        self._shapes.setdefault(step.signature, {})[index] = (tuple(output.shape[1:]), output.dtype)
+        if level == self.cut:
+            self._store(step, output.detach(), range(step.batch), level)
+
+    def _store(self, step: _Step, output: torch.Tensor, rows: range | list[int], cut: int) -> None:
+        host = output.to("cpu")
+        for row in rows:
+            key = step.keys[row]
+            tensor = host[row].clone()
+            nbytes = tensor.numel() * tensor.element_size() + len(key)
+            old = self._entries.get(key)
+            delta = nbytes - (old.nbytes if old is not None else 0)
+            if self.bytes + delta > self.max_bytes:
+                continue  # over budget: computed each time, never served stale
+            self._entries[key] = _Entry(cut, tensor, nbytes)
+            self.bytes += delta
+
+    # --- a hit: skip the prefix -----------------------------------------------------------------------------------
+    def _serve(self, step: _Step, index: int, level: int, original: Callable, args: tuple, kwargs: dict) -> Any:
+        device = _device_of(args, kwargs, self.layout.blocks[0])
+        lowest = min(entry.cut for entry in step.entries)
+        if level < lowest:
+            shape, dtype = step.shapes[index]
+            return torch.zeros((step.batch, *shape), dtype=dtype, device=device)
+        if level == lowest:
+            rows = [r for r, e in enumerate(step.entries) if e.cut == level]
+            if len(rows) == step.batch:
+                step.hidden = torch.stack([e.output for e in step.entries]).to(device)
+            else:
+                shape, dtype = step.shapes[index]
+                step.hidden = torch.zeros((step.batch, *shape), dtype=dtype, device=device)
+                self._place(step, rows, device)
+            step.shapes[index] = (tuple(step.hidden.shape[1:]), step.hidden.dtype)
+            return step.hidden
+        # a block frozen since some of these rows were cached: run it on those rows only
+        rows = [r for r, e in enumerate(step.entries) if e.cut < level]
+        hidden = step.hidden
+        args, kwargs = (args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        with torch.no_grad():
+            if len(rows) == step.batch:
+                step.hidden = original(hidden, *args, **kwargs)
+            else:
+                select = torch.tensor(rows, device=hidden.device)
+                sub_args, sub_kwargs = _rows(args, step.batch, select), _rows(kwargs, step.batch, select)
+                computed = original(hidden.index_select(0, select), *sub_args, **sub_kwargs)
+                # the other rows wait for their own cut (a stage may change the shape: a new tensor)
+                waiting = computed.new_zeros((step.batch, *computed.shape[1:]))
+                step.hidden = waiting.index_copy(0, select, computed)
+        self._place(step, [r for r, e in enumerate(step.entries) if e.cut == level], device)
+        step.shapes[index] = (tuple(step.hidden.shape[1:]), step.hidden.dtype)  # for hits from a deeper cut
+        if level == self.cut:
+            self._store(step, step.hidden, rows, level)  # these rows move to the new cut
+        return step.hidden
+
+    def _place(self, step: _Step, rows: list[int], device: torch.device) -> None:
+        """Put the cached outputs of `rows` (cached at the block being run) into the batch's state."""
+        if rows:
+            cached = torch.stack([step.entries[r].output for r in rows]).to(device, step.hidden.dtype)
+            step.hidden = step.hidden.index_copy(0, torch.tensor(rows, device=device), cached)
+
+
+def _device_of(args: tuple, kwargs: dict, fallback: nn.Module) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return next(fallback.parameters()).device
+
+
+def _rows(value: Any, batch: int, select: torch.Tensor) -> Any:
+    """`value` with every tensor of at least 2 dimensions whose first is the batch indexed by `select`."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, select.to(value.device)) if value.ndim >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, batch, select) for v in value)
+    if isinstance(value, list):
+        return [_rows(v, batch, select) for v in value]
+    if isinstance(value, dict):
+        return {k: _rows(v, batch, select) for k, v in value.items()}
+    return value
+
+
+def _example_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], int, tuple] | None:
+    """
+    Per example, the exact bytes of every input tensor (name, dtype and shape included), the batch size, and the
+    batch's signature (names, per-example shapes and dtypes). `None` when the forward has no batched tensor input.
+    """
+    named = [(f"arg{i}", v) for i, v in enumerate(args)] + sorted(kwargs.items())
+    tensors = [(n, v) for n, v in named if isinstance(v, torch.Tensor) and v.ndim >= 1 and n not in UNKEYED_INPUTS]
+    if not tensors:
+        return None
+    batch = tensors[0][1].shape[0]
+    tensors = [(n, v) for n, v in tensors if v.shape[0] == batch]
+    signature = tuple((n, tuple(v.shape[1:]), str(v.dtype)) for n, v in tensors)
+    host = [v.detach().to("cpu").contiguous() for _, v in tensors]
+    header = repr(signature).encode()
+    keys = [header + b"".join(_row_bytes(t, row) for t in host) for row in range(batch)]
+    return keys, batch, signature
+
+
+def _row_bytes(tensor: torch.Tensor, row: int) -> bytes:
+    """The exact bytes of one example of a contiguous host tensor, whatever its dtype (bfloat16 included)."""
+    return tensor[row : row + 1].reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class FixedShardSampler(torch.utils.data.Sampler[int]):
+    """
+    A `DistributedSampler` for activation caching: each rank keeps the same shard of the dataset every epoch and
+    shuffles within it (`set_epoch`), so the examples it cached come back to it.
+
+    Each rank caches the examples it sees. `DistributedSampler` (and Accelerate's sharding of a shuffled loader)
+    deals a new random share of the dataset to each rank every epoch: an example a rank cached is in its share again
+    with probability 1/world_size, and a batch of B examples is whole in its cache with probability about
+    (1/world_size)^B: almost never. Keeping the shards fixed makes every batch after the first epoch a hit; the cost
+    is that an example only ever meets the examples of its own shard in a rank's batch (the global batch still mixes
+    all shards).
+
+    Args:
+        dataset (`Sized`): the dataset (only its length is used).
+        num_replicas (`int`, *optional*): the world size (default: the process group's).
+        rank (`int`, *optional*): this process's rank (default: the process group's).
+        seed (`int`, *optional*, defaults to 0): seeds the shards (fixed for the run) and each epoch's shuffle.
+        drop_last (`bool`, *optional*, defaults to `False`): drop the tail so that shards are equal, instead of
+            repeating examples as `DistributedSampler` does.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.activation_cache import FixedShardSampler
+    >>> sampler = FixedShardSampler(range(10), num_replicas=2, rank=1, seed=0)
+    >>> first = list(sampler); sampler.set_epoch(1); second = list(sampler)
+    >>> sorted(first) == sorted(second) and len(first) == 5
+    True
+
+    ```
+    """
+
+    def __init__(
+        self, dataset: Any, num_replicas: int | None = None, rank: int | None = None, seed: int = 0, drop_last=False
+    ) -> None:
+        import torch.distributed as dist
+
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if (
+            not isinstance(num_replicas, int)
+            or num_replicas < 1
+            or not isinstance(rank, int)
+            or not 0 <= rank < num_replicas
+        ):
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank!r}, num_replicas={num_replicas!r}")
+        size = len(dataset)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+        per_rank = size // num_replicas if drop_last else -(-size // num_replicas)
+        order = (order * 2)[: per_rank * num_replicas] if not drop_last else order[: per_rank * num_replicas]
+        self.shard = order[rank::num_replicas]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the shard differently in epoch `epoch` (the shard itself stays)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+        return iter([self.shard[i] for i in torch.randperm(len(self.shard), generator=generator).tolist()])
+
+    def __len__(self) -> int:
+        return len(self.shard)

@@ -1,0 +1,290 @@
+"""Activation caching: a cached run trains exactly like an uncached one whose frozen prefix runs in eval mode, for
+every supported family; augmented inputs never hit; the memory budget holds; resume and DDP stay exact."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from helpers import RandomTokenDataset, free_port, tiny_timm
+from test_callback import _train_state
+from transformers import Trainer, TrainingArguments
+
+from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
+from hf_layer_freeze.activation_cache import prefix_layout
+
+TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+           intermediate_size=64, num_labels=3)  # fmt: skip
+N, BATCH = 24, 8  # three batches an epoch, every batch the same shape
+
+
+def _llama():
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2))
+
+
+def _llama_lora():
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(_llama(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+
+
+FAMILIES = {
+    # name: (model factory, batch kind)
+    "llama": (_llama, "causal"),
+    "llama-lora": (_llama_lora, "causal"),
+    "bert": (lambda: tf.BertForSequenceClassification(tf.BertConfig(**TEXT, num_labels=3)), "padded"),
+    "roberta": (lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**TEXT, num_labels=3)), "padded"),
+    "vit": (lambda: tf.ViTForImageClassification(tf.ViTConfig(**VIT)), "images"),
+    "timm-vit": (lambda: tiny_timm("vit_tiny_patch16_224", num_classes=3), "timm"),
+    "timm-resnet": (lambda: tiny_timm("resnet10t", num_classes=3), "timm"),
+}
+
+
+def _data(kind: str, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    if kind in ("causal", "padded"):
+        ids = torch.randint(3, 64, (N, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        if kind == "padded":  # right padding of various lengths inside the fixed length
+            for row in range(N):
+                mask[row, 6 + row % 6 :] = 0
+            ids = ids * mask
+        labels = ids if kind == "causal" else torch.randint(0, 3, (N,), generator=generator)
+        return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(N)]
+    images = torch.randn(N, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 3, (N,), generator=generator)
+    key = "pixel_values" if kind == "images" else "x"
+    return [{key: images[i], "labels": labels[i]} for i in range(N)]
+
+
+def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "x" in batch:
+        return torch.nn.functional.cross_entropy(model(batch["x"]), batch["labels"])
+    return model(**batch).loss
+
+
+class _EvalPrefix:
+    """The reference: an uncached model whose frozen prefix (embeddings and whole frozen blocks) runs in eval mode."""
+
+    def __init__(self, model):
+        self.layout = prefix_layout(model)
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if not module.training:
+            return
+        frozen = lambda m: not any(p.requires_grad for p in m.parameters())  # noqa: E731
+        if all(frozen(m) for m in self.layout.before):
+            for m in self.layout.before:
+                m.eval()
+            for block in self.layout.blocks:
+                if not frozen(block):
+                    break
+                block.eval()
+
+
+def _train(model, data, freeze_at: dict[int, int], cache: bool, epochs: int = 4, augment: bool = False, **options):
+    """Train `epochs` epochs in a fixed shuffled order; return the losses, every step's gradients and the freezer."""
+    torch.manual_seed(4)  # dropout after the prefix draws the same numbers in both runs
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    freezer = LayerFreezer(model, optimizer, granularity="block", cache_activations=cache, **options)
+    if not cache:
+        _EvalPrefix(model)
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.Generator().manual_seed(3)
+    losses, grads, step = [], [], 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for start in range(0, len(data), BATCH):
+            batch = {k: torch.stack([data[i][k] for i in order[start : start + BATCH]]) for k in data[0]}
+            if augment:
+                batch["x"] = batch["x"] + 0.01 * torch.randn(batch["x"].shape, generator=noise)
+            model.train()
+            loss = _forward(model, batch)
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+            step += 1
+            if step in freeze_at:
+                freezer.freeze_units(freeze_at[step])
+    return losses, grads, freezer
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_cached_run_trains_exactly_like_an_uncached_run_with_its_prefix_in_eval_mode(family):
+    build, kind = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build()
+    data = _data(kind)
+    # the prefix grows at an epoch end (entries then serve the deeper cut) and mid-epoch (a batch mixes cuts)
+    freeze_at = {3: 2, 6: 3, 8: 4}
+    expected_losses, expected_grads, reference = _train(copy.deepcopy(model), data, freeze_at, cache=False)
+    losses, grads, freezer = _train(model, data, freeze_at, cache=True)
+    cache = freezer.activation_cache
+    assert cache.cut >= 1 and cache.bytes > 0
+    assert cache.hits > 0  # batches were served from the cache, some from an older cut
+    assert [loss.item() for loss in losses] == [loss.item() for loss in expected_losses]  # bitwise
+    for step, (got, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+        assert len(got) == len(expected)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), f"step {step + 1}"
+
+
+def test_random_augmentation_never_hits_and_trains_exactly_like_the_uncached_run():
+    data = _data("timm")
+    torch.manual_seed(0)
+    model = tiny_timm("vit_tiny_patch16_224", num_classes=3)
+    freeze_at = {2: 3}
+    expected, _, _ = _train(copy.deepcopy(model), data, freeze_at, cache=False, augment=True)
+    got, _, freezer = _train(model, data, freeze_at, cache=True, augment=True)
+    assert freezer.activation_cache.hits == 0 and freezer.activation_cache.steps > 0
+    assert [x.item() for x in got] == [x.item() for x in expected]
+
+
+def test_the_memory_budget_holds_and_past_it_examples_are_computed():
+    data = _data("causal")
+    torch.manual_seed(0)
+    model = _llama()
+    one_entry = 12 * 32 * 4  # an example's output of a layer: 12 tokens x 32 hidden, fp32 (plus its key)
+    budget = 10 * one_entry + 10 * 300
+    expected, _, _ = _train(copy.deepcopy(model), data, {2: 3}, cache=False)
+    got, _, freezer = _train(model, data, {2: 3}, cache=True, cache_max_bytes=budget)
+    cache = freezer.activation_cache
+    assert 0 < cache.bytes <= budget and len(cache._entries) < N  # some stored, not all
+    assert cache.hits == 0  # no batch is whole in the cache: each is computed, never served stale
+    assert [x.item() for x in got] == [x.item() for x in expected]
+
+
+def test_unsupported_models_compiled_models_and_bad_options_are_refused_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="cache_activations=True supports transformers bert"):
+        LayerFreezer(model, optimizer, cache_activations=True)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=32))
+    with pytest.raises(NotImplementedError, match="model_type 'gpt2'"):
+        LayerFreezer(gpt2, torch.optim.SGD(gpt2.parameters(), lr=0.1), cache_activations=True)
+    timm_model = tiny_timm()
+    compiled = torch.compile(timm_model, backend="eager")
+    with pytest.raises(NotImplementedError, match="does not support a compiled model"):
+        LayerFreezer(compiled, torch.optim.SGD(timm_model.parameters(), lr=0.1), cache_activations=True)
+    for options, match in (
+        ({"cache_activations": "yes"}, "cache_activations must be True or False, got 'yes'"),
+        ({"cache_max_bytes": 0}, "cache_max_bytes must be an integer >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LayerFreezingCallback(**options)
+
+
+def test_the_prefix_runs_in_eval_mode_and_a_warning_says_so_when_it_has_dropout():
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(tf.BertConfig(**TEXT, num_labels=3, hidden_dropout_prob=0.5))
+    freezer = LayerFreezer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block", cache_activations=True
+    )
+    with pytest.warns(UserWarning, match="the frozen prefix runs in eval mode.*dropout layer"):
+        freezer.freeze_units(3)  # the embeddings and two layers
+    model.train()
+    batch = {k: torch.stack([e[k] for e in _data("padded")[:BATCH]]) for k in ("input_ids", "attention_mask")}
+    model(**batch)
+    assert not model.bert.embeddings.training and not model.bert.encoder.layer[1].training
+    assert model.bert.encoder.layer[2].training  # what trains keeps its dropout
+
+
+def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupted_one(tmp_path):
+    def trainer(output_dir, seed, callback):
+        torch.manual_seed(seed)
+        args = TrainingArguments(
+            output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=8, learning_rate=1e-3,
+            use_cpu=True, report_to=[], save_strategy="steps", save_steps=7, logging_steps=3, seed=0, data_seed=0,
+            disable_tqdm=True,
+        )  # fmt: skip
+        dataset = RandomTokenDataset(n=24, length=12, vocab=64, causal=True)
+        return Trainer(model=_llama(), args=args, train_dataset=dataset, callbacks=[callback])
+
+    options = dict(freeze_start=0.0, freeze_level=0.8, freeze_every="step", granularity="block")
+    options["cache_activations"] = True
+    full_callback = LayerFreezingCallback(**options)
+    full = trainer(tmp_path / "full", 0, full_callback)
+    full.train()
+    logs = [log for log in full.state.log_history if "loss" in log]
+    assert all("layer_freeze/cache_hit_rate" in log and "layer_freeze/cache_bytes" in log for log in logs)
+    assert max(log["layer_freeze/cache_hit_rate"] for log in logs) > 0
+    resumed = trainer(tmp_path / "resumed", 7, LayerFreezingCallback(**options))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-7"))
+    expected_tensors, expected_groups = _train_state(full)
+    tensors, groups = _train_state(resumed)
+    assert groups == expected_groups
+    assert all(torch.equal(tensors[k], expected_tensors[k]) for k in expected_tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ddp_processes_with_caching_stay_identical(tmp_path):
+    worker = Path(__file__).parent / "workers" / "ddp_cache.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(worker), "--output", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 12  # every step, both ranks bitwise identical
+    hits = [int((tmp_path / f"hits{rank}.txt").read_text()) for rank in range(2)]
+    assert all(h > 0 for h in hits)  # each rank served its own cached examples
+
+
+def test_dynamic_padding_stays_exact_and_only_identically_padded_batches_hit():
+    """`DataCollatorWithPadding` pads each batch to its longest example: an example's key (its padded inputs) changes
+    with the batch it falls in, so it hits only when padded the same way again. Every step stays exact."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = [4 + (i * 7) % 9 for i in range(N)]
+    examples = [{"input_ids": torch.randint(3, 64, (n,), generator=generator).tolist()} for n in lengths]
+    for example in examples:
+        example["attention_mask"] = [1] * len(example["input_ids"])
+        example["labels"] = len(example["input_ids"]) % 3
+    collator = tf.DataCollatorWithPadding(_ByteTokenizer(), padding="longest")
+
+    def run(cache: bool):
+        torch.manual_seed(0)
+        model = tf.BertForSequenceClassification(tf.BertConfig(**TEXT, num_labels=3, hidden_dropout_prob=0.0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        freezer = LayerFreezer(model, optimizer, granularity="block", cache_activations=cache)
+        if not cache:
+            _EvalPrefix(model)
+        freezer.freeze_units(2)
+        order_generator = torch.Generator().manual_seed(2)
+        losses = []
+        for _ in range(4):
+            order = torch.randperm(N, generator=order_generator).tolist()
+            for start in range(0, N, BATCH):
+                batch = collator([examples[i] for i in order[start : start + BATCH]])
+                model.train()
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+        return losses, freezer
+
+    expected, _ = run(cache=False)
+    got, freezer = run(cache=True)
+    assert got == expected
+    assert freezer.activation_cache.steps == 4 * N // BATCH  # every step looked the batch up (hits: reported)
+
+
+class _ByteTokenizer(tf.PreTrainedTokenizerBase):
+    """Just enough of a tokenizer for `DataCollatorWithPadding`: right padding with id 0."""
+
+    pad_token = "<pad>"
+    pad_token_id = 0
+    padding_side = "right"
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self):
+        pass
