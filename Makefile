@@ -49,6 +49,7 @@ lint: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_freezing.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_freezing.py --lora $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_end_to_end.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_options.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp_comm.py

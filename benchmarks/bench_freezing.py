@@ -5,12 +5,24 @@
     python benchmarks/bench_freezing.py --quick    # resnet18 only, fewer repetitions (under 3 minutes on 2 cores)
     python benchmarks/bench_freezing.py --device cuda --image-size 224 --batch-size 128   # on a GPU
     python benchmarks/bench_freezing.py --compile --quick    # torch.compile: compiled against eager, per fraction
+    python benchmarks/bench_freezing.py --lora     # a Llama causal LM with LoRA: its adapters frozen by depth
+    python benchmarks/bench_freezing.py --lora --device cuda    # the same, larger, in bf16 (16 layers, hidden 1024)
 
 For each model and frozen fraction f of the freezable units it reports the median step time (forward, backward,
 SGD step; configurations interleaved, warm-up discarded), the FLOP-ideal speedup (forward+backward FLOPs counted by
 `torch.utils.flop_counter.FlopCounterMode`), the measured speedup, the efficiency (measured saving / ideal saving),
-the fractions of forward FLOPs and of parameters frozen, and the bytes autograd saves for backward. It also measures
-the overhead of an attached freezer with nothing frozen. Writes JSON, a PNG figure and prints a markdown table.
+the fractions of forward FLOPs and of trainable parameters frozen, and the bytes autograd saves for backward. It
+also measures the overhead of an attached freezer with nothing frozen. Writes JSON, a PNG figure and prints a markdown
+table.
+
+With `--lora`, the model is a randomly initialized `LlamaForCausalLM` (8 layers, hidden 256, vocabulary 2048; on cuda
+16 layers, hidden 1024, vocabulary 32000; `--config-overrides` changes either) wrapped by PEFT with LoRA on q, k, v and
+o, trained on random token ids (8 × 128 tokens, on cuda 16 × 512) with AdamW over the trainable parameters. Its units
+are the LoRA layers (PEFT's frozen base weights are nobody's unit), so f is the share of adapters frozen. The freezer
+never leaves the optimizer empty, so at f = 1 the last adapter still trains (the table shows what was frozen). Its
+"fwd FLOPs frozen" is the library's attribution (`profile_units`), which gives a unit its own FLOPs: the adapters'
+matmuls, not those of the frozen base weights they sit on. On CPU, `FlopCounterMode` does not count SDPA's attention
+(`_scaled_dot_product_flash_attention_for_cpu`, about 5% of the default step's FLOPs), so the ideal leaves it out.
 
 With `--compile`, one `torch.compile`d model goes through the fractions in order, as in training (each fraction is a
 freeze event of its `LayerFreezer`), beside an eager copy frozen alike. For each fraction it reports the compiled
@@ -28,6 +40,9 @@ import platform
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -36,6 +51,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_layer_freeze import LayerFreezer, freezable_units, num_units_to_freeze
+from hf_layer_freeze.plan import _parse_config_overrides
 from hf_layer_freeze.profiling import profile_units
 
 MODELS = {
@@ -45,6 +61,29 @@ MODELS = {
 }
 
 
+# --lora: the Llama configuration per device (--config-overrides changes it), and (batch size, sequence length).
+LORA_LLAMA = {
+    "cpu": {
+        "num_hidden_layers": 8,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 2048,
+    },
+    "cuda": {
+        "num_hidden_layers": 16,
+        "hidden_size": 1024,
+        "intermediate_size": 2752,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 32000,
+    },
+}
+LORA_BATCH = {"cpu": (8, 128), "cuda": (16, 512)}
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 def create(name: str, image_size: int) -> torch.nn.Module:
     kwargs = dict(MODELS.get(name, {}))
     if name.startswith("vit"):
@@ -52,8 +91,75 @@ def create(name: str, image_size: int) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=100, **kwargs)
 
 
+def classification_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=labels).loss  # transformers shifts the labels
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """A model to freeze, one training batch `(x, y)`, how a step computes its loss, and its optimizer."""
+
+    name: str
+    base: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss
+    optimizer: str = "sgd"
+    description: str = ""
+
+
+def timm_workload(name: str, args) -> Workload:
+    torch.manual_seed(0)
+    base = create(name, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
+    return Workload(name, base, x, y, description=f"batch {args.batch_size} at {args.image_size} px")
+
+
+def lora_workload(args) -> Workload:
+    """A randomly initialized Llama causal LM with LoRA adapters on q, k, v and o (PEFT freezes the rest)."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = dict(LORA_LLAMA[args.device])
+    if args.config_overrides:
+        values.update(_parse_config_overrides(LlamaConfig(**values), args.config_overrides))
+    # built from the values, so that derived sizes (head_dim) follow them; no KV cache in training
+    config = LlamaConfig(**{**values, "use_cache": False})
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len must be at most max_position_embeddings={config.max_position_embeddings}")
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM"
+    )
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = peft.get_peft_model(LlamaForCausalLM(config), lora)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=args.device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    name = f"llama {config.num_hidden_layers}×{config.hidden_size} LoRA r={args.lora_r}"
+    description = (
+        f"LlamaForCausalLM ({config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
+        f"{config.intermediate_size}, {config.num_attention_heads} heads, vocabulary {config.vocab_size}), LoRA "
+        f"r={args.lora_r} on {','.join(LORA_TARGET_MODULES)}: {trainable:,} of {total:,} parameters train; "
+        f"batch {args.batch_size} × {args.seq_len} tokens, AdamW"
+    )
+    return Workload(name, model, input_ids, input_ids, causal_lm_loss, "adamw", description)
+
+
 class Config:
-    """One model with a prefix frozen by LayerFreezer, ready to step."""
+    """
+    One model with a prefix frozen by LayerFreezer, ready to step. `loss(model, x, y)` computes the loss of a step
+    (default: cross-entropy of `model(x)` against classes `y`); `optimizer` is `"sgd"` (momentum) or `"adamw"`, over
+    the parameters that train.
+    """
 
     def __init__(
         self,
@@ -63,26 +169,41 @@ class Config:
         attach_freezer: bool = True,
         freeze_start: float = 0.0,
         schedule: str = "linear",
+        loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = classification_loss,
+        optimizer: str = "sgd",
     ):
         self.fraction = fraction
         self.model = copy.deepcopy(base).to(args.device)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        else:
+            self.optimizer = torch.optim.SGD(trainable, lr=1e-3, momentum=0.9)
+        self.loss_fn = loss
         self.freezer = None
         self.frozen_units = 0
         if attach_freezer:
             self.freezer = LayerFreezer(
                 self.model, self.optimizer, freeze_start=freeze_start, freeze_level=1.0, schedule=schedule
             )
-            self.frozen_units = num_units_to_freeze(fraction, self.freezer.num_units)
-            self.freezer.freeze_units(self.frozen_units)
+            # what the freezer froze: it stops short of emptying the optimizer (a LoRA model's last adapter)
+            count = num_units_to_freeze(fraction, self.freezer.num_units)
+            self.frozen_units = self.freezer.freeze_units(count).frozen_units
         self.args = args
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    @classmethod
+    def of(cls, workload: Workload, fraction: float, args, **kwargs) -> Config:
+        return cls(workload.base, fraction, args, loss=workload.loss, optimizer=workload.optimizer, **kwargs)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.args.device, dtype=torch.bfloat16, enabled=self.args.bf16):
-            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            return self.loss_fn(self.model, x, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = self.loss(x, y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,8 +230,7 @@ def saved_bytes(config: Config, x, y) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(config.args.device, dtype=torch.bfloat16, enabled=config.args.bf16):
-            loss = torch.nn.functional.cross_entropy(config.model(x), y)
+        loss = config.loss(x, y)
     loss.backward()
     config.optimizer.zero_grad(set_to_none=True)
     return total
@@ -129,33 +249,26 @@ def time_interleaved(configs: list[Config], x, y, repeats: int, warmup: int) -> 
     return [statistics.median(t) for t in times]
 
 
-def bench_model(name: str, args) -> dict:
-    torch.manual_seed(0)
-    base = create(name, args.image_size)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
-    configs = [Config(base, f, args) for f in args.fractions]
+def bench_model(workload: Workload, args) -> dict:
+    base, x, y = workload.base, workload.x, workload.y
+    configs = [Config.of(workload, f, args) for f in args.fractions]
     units = configs[0].freezer.units
     # The library's own attribution (the one `plan` and budget="flops" use): FLOPs of each unit, in unit order.
     unit_fwd = profile_units(copy.deepcopy(base).to(args.device), freezable_units(base), x).forward_flops
     fwd_total = sum(unit_fwd)
-    total_params = sum(p.numel() for p in base.parameters())
+    total_params = sum(p.numel() for p in base.parameters() if p.requires_grad)  # with LoRA: the adapters
     flops = [step_flops(c, x, y) for c in configs]
     memory = [saved_bytes(c, x, y) for c in configs]
     medians = time_interleaved(configs, x, y, args.repeats, args.warmup)
 
     # Overhead: an attached freezer with nothing frozen, against no freezer at all; and the adaptive schedule's
     # gradient-norm tracking (an optimizer step pre-hook), which runs at every step.
-    plain = Config(base, 0.0, args, attach_freezer=False)
-    attached = Config(base, 0.0, args)
-    adaptive = Config(base, 0.0, args, schedule="adaptive")
+    plain = Config.of(workload, 0.0, args, attach_freezer=False)
+    attached = Config.of(workload, 0.0, args)
+    adaptive = Config.of(workload, 0.0, args, schedule="adaptive")
     plain_t, attached_t, adaptive_t = time_interleaved([plain, attached, adaptive], x, y, args.repeats, args.warmup)
     # The tracking itself, timed alone on real gradients (the step-time difference above is within the noise).
-    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-        loss = torch.nn.functional.cross_entropy(adaptive.model(x), y)
-    loss.backward()
+    adaptive.loss(x, y).backward()
     tracking = []
     for _ in range(args.repeats):
         synchronize(args.device)
@@ -188,7 +301,8 @@ def bench_model(name: str, args) -> dict:
             }
         )
     return {
-        "model": name,
+        "model": workload.name,
+        "built": workload.description,
         "rows": rows,
         "overhead": {
             "no_freezer_ms": plain_t * 1e3,
@@ -202,25 +316,20 @@ def bench_model(name: str, args) -> dict:
     }
 
 
-def bench_compiled_model(name: str, args) -> dict:
+def bench_compiled_model(workload: Workload, args) -> dict:
     """One compiled model frozen further at each fraction (a freeze event each), beside an eager copy."""
-    torch.manual_seed(0)
-    base = create(name, args.image_size)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
+    name, x, y = workload.name, workload.x, workload.y
     torch._dynamo.reset()
-    eager = Config(base, 0.0, args)
-    compiled = Config(base, 0.0, args, attach_freezer=False)
+    eager = Config.of(workload, 0.0, args)
+    compiled = Config.of(workload, 0.0, args, attach_freezer=False)
     compiled.model = torch.compile(compiled.model, backend=args.compile_backend)
     compiled.freezer = LayerFreezer(compiled.model, compiled.optimizer, freeze_start=0.0, max_freeze_events=None)
     rows = []
     for fraction in args.fractions:
         count = num_units_to_freeze(fraction, compiled.freezer.num_units)
         for config in (eager, compiled):
-            config.freezer.freeze_units(count)
-            config.fraction, config.frozen_units = fraction, count
+            config.fraction, config.frozen_units = fraction, config.freezer.freeze_units(count).frozen_units
+        count = compiled.frozen_units  # short of the target where it would empty the optimizer
         synchronize(args.device)
         start = time.perf_counter()
         compiled.step(x, y)  # traces and compiles the graph for this frozen set
@@ -243,7 +352,7 @@ def bench_compiled_model(name: str, args) -> dict:
     for row in rows:
         row["compiled_vs_compiled_unfrozen"] = row["compiled_ms"] / unfrozen
         row["compiled_vs_eager"] = row["compiled_ms"] / row["eager_ms"]
-    return {"model": name, "compile_backend": args.compile_backend, "rows": rows}
+    return {"model": name, "built": workload.description, "compile_backend": args.compile_backend, "rows": rows}
 
 
 def markdown_compiled(results: list[dict]) -> str:
@@ -270,7 +379,7 @@ def plot_compiled(results: list[dict], path: Path) -> None:
 def markdown(results: list[dict]) -> str:
     lines = [
         "| model | f | units frozen | step (ms) | ideal speedup | measured | efficiency | fwd FLOPs frozen "
-        "| params frozen | saved for backward (MB) |",
+        "| trainable params frozen | saved for backward (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
@@ -325,10 +434,18 @@ def plot_rows(results: list[dict], path: Path, series: list[tuple[str, str, str]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", help=f"timm models (default: {' '.join(MODELS)})")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, help="images (default 32) or, with --lora, sequences (default 8, on cuda 16)"
+    )
+    parser.add_argument("--lora", action="store_true", help="a Llama causal LM with LoRA adapters, not timm models")
+    parser.add_argument("--seq-len", type=int, help="--lora: tokens per sequence (default 128, on cuda 512)")
+    parser.add_argument("--lora-r", type=int, default=8, help="--lora: LoRA rank (default 8)")
+    parser.add_argument(
+        "--config-overrides", help="--lora: LlamaConfig values over the device's default, e.g. num_hidden_layers=4"
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -341,22 +458,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fractions[0] != 0.0:
         parser.error("--fractions must start with 0 (the reference)")
+    if args.lora and args.models:
+        parser.error("--models names timm models; --lora measures its Llama (change it with --config-overrides)")
+    if not args.lora:
+        for option in ("seq_len", "config_overrides"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option.replace('_', '-')} needs --lora")
+    if args.lora_r < 1:
+        parser.error(f"--lora-r must be a positive integer, got {args.lora_r}")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device here")
         args.bf16 = True
-        args.channels_last = True
+        args.channels_last = not args.lora  # a memory format for images
         torch.backends.cudnn.benchmark = True
+    if args.lora:
+        default_batch, default_seq = LORA_BATCH[args.device]
+        args.batch_size = args.batch_size or default_batch
+        args.seq_len = args.seq_len or default_seq
+    else:
+        args.batch_size = args.batch_size or 32
+        args.models = args.models or list(MODELS)
     if args.quick:
-        args.models = ["resnet18"]
+        if not args.lora:
+            args.models = ["resnet18"]
         args.repeats = min(args.repeats, 8)
         args.warmup = min(args.warmup, 2)
 
     results = []
-    for name in args.models:
+    for name in ["lora"] if args.lora else args.models:
         start = time.perf_counter()
-        results.append(bench_compiled_model(name, args) if args.compile else bench_model(name, args))
-        print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        try:
+            workload = lora_workload(args) if args.lora else timm_workload(name, args)
+        except ValueError as error:
+            parser.error(str(error))
+        results.append(bench_compiled_model(workload, args) if args.compile else bench_model(workload, args))
+        del workload
+        print(f"{results[-1]['model']}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
     machine = {
         "date": date.today().isoformat(),
         "cpus": os.cpu_count(),
@@ -367,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"step_speed_{'compiled_' if args.compile else ''}{args.device}"
+    stem = f"step_speed_{'compiled_' if args.compile else ''}{'lora_' if args.lora else ''}{args.device}"
     (output_dir / f"{stem}.json").write_text(
         json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=2)
     )
     (plot_compiled if args.compile else plot)(results, output_dir / f"{stem}.png")
-    print(f"\n{machine}\nbatch {args.batch_size} at {args.image_size} px, bf16={args.bf16}\n")
+    inputs = results[0]["built"] if args.lora else f"batch {args.batch_size} at {args.image_size} px"
+    print(f"\n{machine}\n{inputs}, bf16={args.bf16}\n")
     print(markdown_compiled(results) if args.compile else markdown(results))
     print(f"\nwrote {output_dir / stem}.json and .png")
     return 0

@@ -4,8 +4,8 @@ Everything runs offline on the meta device (no weights, no data, no compute). Th
 `pretrained=False`) or a transformers model (a model type or a local directory holding a `config.json`, built with
 `from_config`), optionally wrapped with PEFT's LoRA. Its units are profiled on one dummy input, and the FLOPs of a
 training step (forward and backward) are counted with `torch.utils.flop_counter.FlopCounterMode` for each number of
-frozen units the schedule reaches. The predicted speedup is the FLOP ratio; measured speedups on CPU were within 10% of
-it (see the README's benchmarks).
+frozen units the schedule reaches. The predicted speedup is the FLOP ratio; measured CPU savings ranged from 0.67 to
+1.19 of the FLOP ideal's saving (docs/benchmarks.md; the lowest, xception41, was not profiled).
 
 A run is `epochs` epochs with freezing at each epoch end (the callback's `freeze_every="epoch"`), or `steps` steps with
 freezing as soon as the schedule asks for one more unit (`freeze_every="step"`).

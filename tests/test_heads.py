@@ -74,7 +74,7 @@ def test_a_bad_head_option_is_a_one_line_value_error(head):
     assert "\n" not in str(error.value)
 
 
-def test_peft_lora_on_a_causal_lm_warns_of_no_head_and_freezes_only_adapters():
+def test_peft_lora_on_a_causal_lm_finds_its_head_without_a_warning_and_freezes_only_adapters():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     config = tf.LlamaConfig(**BERT, num_key_value_heads=2)
