@@ -8,7 +8,8 @@ families whose structure it knows:
 
 - transformers BERT, RoBERTa, ViT and Llama (and PEFT models on them): the embeddings, then the layers listed in
   `_no_split_modules`, held in one `ModuleList`;
-- timm `VisionTransformer` (patch embedding, then `blocks`) and `ResNet` (stem, then the stages `layer1`..`layer4`).
+- timm `VisionTransformer` (patch embedding, then `blocks`) and `ResNet` (stem, then the stages `layer1`..`layer4`),
+  bare or inside `TimmWrapperForImageClassification`.
 
 Once the embeddings (or stem) and a prefix of blocks are all frozen, the output of the last frozen block (the *cut*)
 for each training example is kept in host memory, keyed by the exact bytes of every input tensor of that example
@@ -127,6 +128,8 @@ def prefix_layout(model: nn.Module) -> PrefixLayout:
     for module in inner.modules():
         if isinstance(module, PreTrainedModel):
             model_type = getattr(module.config, "model_type", None)
+            if model_type == "timm_wrapper":
+                continue  # TimmWrapperForImageClassification: the timm model inside decides
             if model_type not in SUPPORTED_TRANSFORMERS:
                 raise _unsupported(module, f"model_type {model_type!r}")
             classes = set(module._no_split_modules or ())
@@ -247,11 +250,13 @@ class ActivationCache:
         self._step = None
 
     def take_metrics(self) -> dict[str, float]:
-        """`layer_freeze/cache_hit_rate` (share of training forwards since the last call served from the cache) and
-        `layer_freeze/cache_bytes` (host memory held now)."""
-        rate = self.hits / self.steps if self.steps else 0.0
+        """`layer_freeze/cache_hit_rate` (share of training forwards since the last call served from the cache; left
+        out when there was none) and `layer_freeze/cache_bytes` (host memory held now)."""
+        metrics: dict[str, float] = {"layer_freeze/cache_bytes": self.bytes}
+        if self.steps:  # no training forward since the last call (the Trainer's closing log): no rate to report
+            metrics["layer_freeze/cache_hit_rate"] = self.hits / self.steps
         self.steps = self.hits = 0
-        return {"layer_freeze/cache_hit_rate": rate, "layer_freeze/cache_bytes": self.bytes}
+        return metrics
 
     # --- hooks ----------------------------------------------------------------------------------------------------
     def _modules(self) -> list[tuple[int, nn.Module]]:

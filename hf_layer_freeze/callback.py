@@ -139,6 +139,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             raise ValueError(f"keep_frozen must be True or False, got {keep_frozen!r}")
         self.keep_frozen = keep_frozen
         self._frozen_at_end: int | None = None
+        self._result_at_end = None  # the freezer's result when training ended, before the hand-back
         self._freezing_by = "epoch" if freeze_every == "epoch" else "step"  # "auto" is decided in on_train_begin
         self._last_forced_log: int | None = None
         self._replaced: list[LayerFreezingCallback] = []  # the user's callbacks this one stands in for
@@ -220,8 +221,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if self.freezer is None:
             return
         self._frozen_at_end = self.frozen_units
+        self._result_at_end = self.freezer.result()  # what training ended with, before the hand-back
         for given in self._replaced:
-            given._frozen_at_end = self._frozen_at_end
+            given._frozen_at_end, given._result_at_end = self._frozen_at_end, self._result_at_end
         if not self.keep_frozen:
             self.freezer.unfreeze()
             logger.info(
@@ -265,7 +267,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """The values this callback logs, under the `layer_freeze/` namespace."""
         if self.freezer is None:
             return {}
-        result = self.freezer.result()
+        result = self._result_at_end if self._frozen_at_end is not None else self.freezer.result()
         metrics = {
             "layer_freeze/fraction": result.fraction,
             "layer_freeze/frozen_units": self.frozen_units,

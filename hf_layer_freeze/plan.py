@@ -208,6 +208,11 @@ def _build_transformers(
 
     default = AutoConfig.from_pretrained(name) if source == "directory" else AutoConfig.for_model(name)
     model_type = default.model_type
+    if getattr(default, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model {name!r} is an encoder-decoder ({model_type}); plan takes encoder or decoder models (a training "
+            "step of an encoder-decoder needs decoder inputs it does not build)"
+        )
     task = _default_task(model_type) if task is None else task
     spec = TASKS[task]
     if model_type not in getattr(modeling_auto, spec.mapping):
@@ -268,7 +273,7 @@ def _wrap_with_lora(
             what = f"model type {model_type!r}" if model_type else "timm models"
             raise ValueError(
                 f"PEFT has no default LoRA target modules for {what}: name them with --lora-target-modules "
-                "(lora_target_modules), e.g. qkv or query,value"
+                "(lora_target_modules): names of the model's linear layers, as in model.named_modules()"
             )
     task_type = TASKS[task].peft_task_type if task else None
     config = peft.LoraConfig(r=lora_r, target_modules=list(target_modules), task_type=task_type)

@@ -43,6 +43,10 @@ FAMILIES = {
     "vit": (lambda: tf.ViTForImageClassification(tf.ViTConfig(**VIT)), "images"),
     "timm-vit": (lambda: tiny_timm("vit_tiny_patch16_224", num_classes=3), "timm"),
     "timm-resnet": (lambda: tiny_timm("resnet10t", num_classes=3), "timm"),
+    "timm-wrapper-resnet": (
+        lambda: tf.TimmWrapperForImageClassification(tf.TimmWrapperConfig(architecture="resnet10t", num_labels=3)),
+        "images",
+    ),
 }
 
 
@@ -214,8 +218,11 @@ def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupte
     full = trainer(tmp_path / "full", 0, full_callback)
     full.train()
     logs = [log for log in full.state.log_history if "loss" in log]
-    assert all("layer_freeze/cache_hit_rate" in log and "layer_freeze/cache_bytes" in log for log in logs)
-    assert max(log["layer_freeze/cache_hit_rate"] for log in logs) > 0
+    assert all("layer_freeze/cache_bytes" in log for log in logs)
+    rates = [log["layer_freeze/cache_hit_rate"] for log in logs if "layer_freeze/cache_hit_rate" in log]
+    assert rates and max(rates) > 0  # reported once the prefix can be cached, and batches were served
+    # the closing summary log follows no training forward: it reports no rate rather than a false 0
+    assert "layer_freeze/cache_hit_rate" not in full.state.log_history[-1]
     resumed = trainer(tmp_path / "resumed", 7, LayerFreezingCallback(**options))
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-7"))
     expected_tensors, expected_groups = _train_state(full)

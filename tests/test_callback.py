@@ -322,6 +322,9 @@ def test_the_model_is_given_back_unfrozen_unless_kept_frozen(tmp_path, keep_froz
     )
     trainer.train()
     assert callback.frozen_units == NUM_UNITS // 2  # what training ended with (frozen after epoch 1), either way
+    metrics = callback.metrics()  # after training: the state training ended with, all of it, not the hand-back's
+    assert metrics["layer_freeze/frozen_units"] == NUM_UNITS // 2
+    assert metrics["layer_freeze/frozen_params"] == sum(u.numel for u in callback.freezer.units[: NUM_UNITS // 2])
     params = list(model.parameters())
     in_optimizer = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     if keep_frozen:

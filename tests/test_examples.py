@@ -150,6 +150,8 @@ def test_train_trainer_checkpoints_each_epoch_and_resumes(tmp_path):
         "32",
         "--freeze-start",
         "0",
+        "--freeze-every",
+        "epoch",  # the card's rule, at each epoch end: what the checkpoints below hold
         "--output-dir",
         str(tmp_path),
         "--use-cpu",
@@ -226,6 +228,8 @@ def test_train_trainer_two_processes(tmp_path):
                 *SMOKE,
                 "--freeze-start",
                 "0",
+                "--freeze-every",
+                "epoch",
                 "--output-dir",
                 str(tmp_path),
             ],

@@ -252,6 +252,8 @@ def test_forward_flops_of_a_transformers_model_are_attributed_once():
          ["task applies to transformers models; 'resnet18' is a timm model"]),
         (["--model", "llama", "--steps", "10", "--freeze-every", "epoch"],
          ["--freeze-every epoch needs --epochs: a plan in steps freezes at each step"]),
+        (["--model", "t5", "--steps", "10"], ["model 't5' is an encoder-decoder (t5); plan takes encoder or decoder"]),
+        (["--model", "bart", "--steps", "10"], ["is an encoder-decoder (bart)"]),
     ],
 )  # fmt: skip
 def test_plan_command_refuses_in_one_line(arguments, fragments, capsys):
