@@ -54,6 +54,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_options.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_ddp_comm.py
 	$(BIN)/python benchmarks/bench_accuracy.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_finetune.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info

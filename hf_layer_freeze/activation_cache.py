@@ -215,6 +215,7 @@ class ActivationCache:
         self._wrapped: list[tuple[nn.Module, Callable]] = []
         self._warned_dropout = False
         self.steps = self.hits = 0  # since the last `take_metrics()`
+        self.total_steps = self.total_hits = 0  # over the freezer's life
 
     # --- listener -------------------------------------------------------------------------------------------------
     def on_freeze_event(self, event: FreezeEvent) -> None:
@@ -301,11 +302,13 @@ class ActivationCache:
         keys, batch, signature = keyed
         entries = [self._entries.get(key) for key in keys]
         self.steps += 1
+        self.total_steps += 1
         step = _Step(keys=keys, batch=batch, signature=signature)
         if all(e is not None for e in entries) and signature in self._shapes:
             step.entries = entries
             step.shapes = self._shapes[signature]
             self.hits += 1
+            self.total_hits += 1
         self._step = step
         if self.layout.use_cache_input and kwargs.get("use_cache") is not False:
             return args, {**kwargs, "use_cache": False}
