@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import RandomImages
+from helpers import RandomImages, RandomTokenDataset
 from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
@@ -444,24 +444,6 @@ def test_resume_with_the_same_options_warns_nothing(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """Random token sequences: `labels` is a class for sequence classification, the tokens for a causal LM."""
-
-    def __init__(self, n: int = 32, length: int = 12, vocab: int = 64, causal: bool = False) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, length), generator=generator)
-        self.classes = torch.randint(0, 3, (n,), generator=generator)
-        self.causal = causal
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = self.ids[index]
-        labels = ids if self.causal else self.classes[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
 def _text_model(name: str) -> torch.nn.Module:
     import transformers as tf
 
@@ -485,7 +467,7 @@ def test_trainer_trains_transformers_text_models_with_freezing(tmp_path, name, g
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=8, learning_rate=1e-2),
-        train_dataset=RandomTokens(causal=name.startswith("llama")),
+        train_dataset=RandomTokenDataset(n=32, vocab=64, causal=name.startswith("llama")),
         callbacks=[callback, watch],
     )
     trainer.train()
