@@ -22,6 +22,7 @@ import transformers as tf  # noqa: E402
 from helpers import FreezeTimeline, RandomImages, RandomTokenDataset, StepWatch, free_port  # noqa: E402
 from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from test_callback import _args as callback_args  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
@@ -77,22 +78,10 @@ def _dataset(name: str) -> torch.utils.data.Dataset:
 
 
 def _args(output_dir: Path, **overrides) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.0,  # a tensor changes only through its gradient: "changed" means "trained"
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    # test_callback's arguments, for short runs where a tensor changes only through its gradient (no weight decay):
+    # "changed" means "trained"
+    settings = dict(max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.0)
+    return callback_args(output_dir, **{**settings, "logging_steps": 1, **overrides})
 
 
 def _tuner_layers(model: torch.nn.Module) -> dict[str, list[str]]:
