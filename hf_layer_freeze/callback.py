@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import statistics
@@ -19,6 +18,8 @@ from .compiled import resolve_max_freeze_events
 from .freezer import LayerFreezer
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, validate_choice
+from .trainer_internals import calling_callback_handler as _calling_callback_handler
+from .trainer_internals import calling_trainer, on_train_exception
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         handler = self._run_before_other_callbacks()
         if handler is not None:
             _GIVEN_CALLBACKS.setdefault(handler, []).append(self)
+        trainer = calling_trainer(self)
+        if trainer is not None:  # no on_train_end comes when train() raises: give the model back then too
+            on_train_exception(trainer, self._end_after_exception)
 
     def on_train_begin(
         self,
@@ -187,6 +191,16 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         handler = self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
+        if self.freezer is not None and not self.freezer.closed:
+            # An attempt that never reached on_train_end: auto_find_batch_size retrying after an out-of-memory error
+            # (inside the same train() call), or a train() whose exception this callback could not see.
+            logger.warning(
+                "LayerFreezingCallback: the previous training attempt did not end (auto_find_batch_size retried it, "
+                "or it raised); gave back the %d units it froze before starting again.",
+                self.freezer.frozen_units,
+            )
+            self.freezer.unfreeze()
+            self.freezer.close()
         self._frozen_at_end = None
         options = self.options.to_dict()
         if args.torch_compile:  # the Trainer compiles the model after handing it to callbacks: bound the recompiles
@@ -218,7 +232,14 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             given.freezer = self.freezer
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.freezer is None:
+        self._end("Training ended")
+
+    def _end_after_exception(self, exception: BaseException) -> None:
+        self._end(f"trainer.train() raised {type(exception).__name__}")
+
+    def _end(self, how: str) -> None:
+        """Record what training ended with, give the model back (unless `keep_frozen`), release every hook."""
+        if self.freezer is None or self.freezer.closed:
             return
         self._frozen_at_end = self.frozen_units
         self._result_at_end = self.freezer.result()  # what training ended with, before the hand-back
@@ -227,11 +248,16 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         if not self.keep_frozen:
             self.freezer.unfreeze()
             logger.info(
-                "Training ended with %d units frozen; gave them back (keep_frozen=False). Parameters frozen before "
-                "training stay frozen.",
+                "%s with %d units frozen; gave them back (keep_frozen=False). Parameters frozen before training stay "
+                "frozen.",
+                how,
                 self._frozen_at_end,
             )
         self.freezer.close()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.freezer is not None and not self.freezer.closed:
+            self.freezer.refreeze()  # other code (PEFT's disable_adapter()) may have made frozen tensors trainable
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # The step that completes an epoch (the Trainer's `state.epoch` is then whole) freezes here rather than in
@@ -429,25 +455,3 @@ def _changed_options(given: dict[str, Any], other: dict[str, Any], other_name: s
     """`"name=value [other value], ..."` for each option whose value differs, or `""`."""
     names = [name for name in given if name in other and given[name] != other[name]]
     return ", ".join(f"{name}={given[name]!r} [{other_name}: {other[name]!r}]" for name in names)
-
-
-def _calling_callback_handler(callback: TrainerCallback, max_depth: int = 4) -> CallbackHandler | None:
-    """
-    The Trainer's `CallbackHandler` that is calling an event of `callback` right now, found among the callers'
-    frames (the handler's `call_event` is one of them), or `None`.
-
-    The Trainer hands callbacks no public route to its handler, so this is the one place that looks at frames;
-    `tests/test_callback.py` fails loudly if a transformers release changes how events are called.
-    """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth + 1):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            handler = frame.f_locals.get("self")
-            if isinstance(handler, CallbackHandler) and any(cb is callback for cb in handler.callbacks):
-                return handler
-        return None
-    finally:
-        del frame

@@ -28,7 +28,9 @@ from .gradient_checkpointing import CheckpointInputGrads
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
-from .record import FrozenRecord
+from .heads import peft_base_model
+from .record import FrozenRecord, ledger_for
+from .rewrites import RequiresGradGuard
 from .schedule import (
     bounded_unit_count,
     freeze_fraction,
@@ -230,7 +232,18 @@ class LayerFreezer:
         self.max_freeze_events = resolve_max_freeze_events(model, options.max_freeze_events)
 
         self.model = model
-        self.units: list[FreezableUnit] = freezable_units(model, options.granularity, options.head)
+        # What the other freezers of this model (in this process) hold frozen is the library's, not the user's.
+        self.ledger = ledger_for(peft_base_model(unwrap_model(model)))
+        held = self.ledger.held_parameters()
+        if held:
+            warnings.warn(
+                f"{len(held)} parameter tensors of this model are held frozen by another LayerFreezer that was not "
+                "closed (an earlier run that raised or was interrupted, or a second freezer built on purpose). This "
+                "freezer counts them among its units, and they stay frozen until every freezer holding them gives "
+                "them back (freezer.unfreeze()) or is closed (freezer.close(), which leaves them frozen).",
+                stacklevel=2,
+            )
+        self.units: list[FreezableUnit] = freezable_units(model, options.granularity, options.head, held=held)
         if not self.units:
             raise ValueError(
                 f"model ({type(unwrap_model(model)).__name__}) has no freezable unit: it needs at least one module "
@@ -238,7 +251,9 @@ class LayerFreezer:
             )
         self._param_groups = [frozen_param_groups(o) for o in self.optimizers]
         self._check_optimizers_hold_the_units()
-        self.record = FrozenRecord()
+        self.record = FrozenRecord(self.ledger)
+        self._closed = False
+        self.ledger.register(self.record, self._param_groups)  # what another freezer holds leaves these optimizers
         self.frozen_units = 0
         self.fraction = 0.0
         self._warned_empty_optimizer = False
@@ -254,7 +269,8 @@ class LayerFreezer:
         if options.schedule == "adaptive":
             self.gradient_norms = GradientNormTracker(self._optimizer_holding_units(), lambda: self.units)
         self._ddp_sync = DDPReducerSync(model)
-        self.listeners: list[FreezeListener] = [self._ddp_sync, CheckpointInputGrads(model)]
+        self.guard = RequiresGradGuard(model, self.record.refreeze)
+        self.listeners: list[FreezeListener] = [self._ddp_sync, CheckpointInputGrads(model), self.guard]
         self.listeners.append(CompiledCodeInvalidation(model))
         if options.freeze_batchnorm:
             self.listeners.append(BatchNormLock(model))
@@ -310,6 +326,7 @@ class LayerFreezer:
                 "optimizer holds none of the model's parameters: build it from model.parameters() "
                 "(the same model passed to LayerFreezer)"
             )
+        held |= self.ledger.registered_parameter_ids()  # another open freezer of the model keeps its optimizers right
         missing = [p for unit in self.units for p in unit.parameters if id(p) not in held]
         if missing:
             warnings.warn(
@@ -342,23 +359,51 @@ class LayerFreezer:
             `FreezeResult`: nothing frozen, `newly_frozen_units` 0.
         """
         unfrozen = tuple(self.units[: self.frozen_units])
-        params = [p for _, p in self.record.give_back()]
-        for groups in self._param_groups:
-            groups.restore(params)
+        params = [p for _, p in self.record.give_back()]  # back in every optimizer's groups, in their places
         self.frozen_units = 0
         self.fraction = 0.0
         self._pending_count = None
         self._notify(FreezeEvent(tuple(self.units), 0, unfrozen=unfrozen, parameters=tuple(params)))
         return self.result()
 
+    def refreeze(self) -> int:
+        """
+        Freeze again what this freezer froze and other code made trainable since (PEFT's `disable_adapter()` does on
+        exit), warning the first time. The freezer checks this itself before each forward and when backward reaches
+        the model's outputs (`rewrites.RequiresGradGuard`); call it where other code may have rewritten
+        `requires_grad` in between (the Trainer callback calls it at each step's start).
+
+        Returns:
+            `int`: how many parameter tensors were frozen again.
+        """
+        return self.guard.check()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called: the freezer no longer holds anything frozen, nor hooks the model."""
+        return self._closed
+
+    def __enter__(self) -> LayerFreezer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """`with LayerFreezer(...) as freezer:` gives the model back as it was given whichever way the block exits
+        (an exception included): `unfreeze()`, then `close()`."""
+        if not self._closed:
+            self.unfreeze()
+            self.close()
+
     def close(self) -> None:
         """
         Remove every hook the freezer put on the model (DDP discovery, first-forward profiling, frozen BatchNorm,
-        gradient checkpointing, gradient-norm tracking). What is frozen stays frozen. The Trainer callback calls it
-        at the end of training.
+        gradient checkpointing, gradient-norm tracking, the `requires_grad` guard). What is frozen stays frozen and is
+        the user's from then on: a later freezer of the model treats it as frozen by hand. The Trainer callback calls
+        it at the end of training (after giving the model back, unless `keep_frozen=True`).
         """
+        self._closed = True
         for listener in self.listeners:
             listener.close()
+        self.record.close()
         if self.gradient_norms is not None:
             self.gradient_norms.close()
         if self._profile_hook is not None:
@@ -496,9 +541,7 @@ class LayerFreezer:
         frozen = self.record.freeze(
             (name, p) for unit in newly for name, p in zip(unit.parameter_names, unit.parameters, strict=True)
         )
-        params = tuple(p for _, p in frozen)
-        for groups in self._param_groups:
-            groups.remove(params)
+        params = tuple(p for _, p in frozen)  # out of every optimizer's groups (the ledger's bookkeeping)
         self.frozen_units = count
         logger.info("Froze %d units (up to %s).", count, newly[-1].name or "<root>")
         # without a known DDP wrapper yet, the reducer waits for the first training forward

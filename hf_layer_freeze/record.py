@@ -1,25 +1,147 @@
-"""What a freezer froze: its own record, by identity and name, never read back from `requires_grad`.
+"""What the library froze: each freezer's record, and the ledger the freezers of one model share.
 
-Parameters that were frozen before the freezer was built (PEFT's base weights, an embedding frozen by hand) are not
-its to freeze or to give back, and neither is a parameter someone froze between two of its events: freezing touches
-only what still trains, and giving back restores exactly what was recorded (PEFT's `targeted_parameter_names`
-records what a tuner touched in the same spirit).
+Parameters that were frozen before any freezer was built (PEFT's base weights, an embedding frozen by hand) are not
+the library's to freeze or to give back, and neither is a parameter someone froze between two of its events:
+freezing touches only what still trains, and giving back restores exactly what was recorded (PEFT's
+`targeted_parameter_names` records what a tuner touched in the same spirit).
+
+What a freezer froze is known to every other freezer of the same model in the same process, through the model's
+`FreezeLedger` (`ledger_for(model)`):
+- a later freezer (a retried or re-entered `trainer.train()`, a resumed run) sees what an open freezer holds frozen as
+  the library's, not the user's: its units are those of the model as it was given;
+- two open freezers (one per optimizer, as some users build them) share what each froze: a parameter frozen by one
+  leaves the param groups of every optimizer of every open freezer, and trains again only when no freezer holds it;
+- what a freezer holds frozen is held frozen: `refreeze()` undoes other code setting `requires_grad=True` on it (PEFT's
+  `disable_adapter()` re-enables every LoRA tensor on exit, and TRL's `DPOTrainer` enters it at every step).
+
+A closed freezer (`LayerFreezer.close()`, `keep_frozen=True`) hands what it froze over to the user: it stays frozen,
+and later freezers treat it as frozen by hand. So does a freezer that was garbage-collected without being closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
 from .param_groups import freeze_parameters
 
-__all__ = ["FrozenRecord"]
+__all__ = ["FreezeLedger", "FrozenRecord", "ledger_for"]
+
+
+class FreezeLedger:
+    """
+    What the open freezers of one model hold frozen, and the optimizer bookkeeping of each (see the module docstring).
+
+    A parameter is held frozen while at least one open `FrozenRecord` holds it; it leaves the param groups of every
+    optimizer registered by an open record when the first one holds it, and comes back to them (with
+    `requires_grad=True`) when the last one lets go of it.
+    """
+
+    def __init__(self) -> None:
+        # id(param) -> (param, the records holding it)
+        self._held: dict[int, tuple[nn.Parameter, weakref.WeakSet[FrozenRecord]]] = {}
+        # each open record's param-group bookkeeping (`param_groups._FrozenParamGroups`), one per optimizer
+        self._groups: weakref.WeakKeyDictionary[FrozenRecord, list[Any]] = weakref.WeakKeyDictionary()
+
+    def _live(self) -> dict[int, tuple[nn.Parameter, weakref.WeakSet[FrozenRecord]]]:
+        """The held entries, after dropping those whose every holder was closed or garbage-collected."""
+        for key in [k for k, (_, holders) in self._held.items() if not holders]:
+            del self._held[key]
+        return self._held
+
+    def held_parameters(self, exclude: FrozenRecord | None = None) -> list[nn.Parameter]:
+        """The parameters some open record holds frozen (other than `exclude`)."""
+        return [p for p, holders in self._live().values() if any(h is not exclude for h in holders)]
+
+    def holds(self, param: nn.Parameter) -> bool:
+        """Whether an open record holds `param` frozen."""
+        return id(param) in self._live()
+
+    def register(self, record: FrozenRecord, param_groups: Sequence[Any]) -> None:
+        """Register the param-group bookkeeping of `record`'s optimizers: what is held frozen leaves them now."""
+        self._groups[record] = list(param_groups)
+        held = self.held_parameters()
+        for groups in param_groups:
+            groups.remove(held)
+
+    def registered_parameter_ids(self) -> set[int]:
+        """Ids of every parameter held by an optimizer of an open record (frozen or not)."""
+        return set().union(*(groups.parameter_ids for groups in self._all_groups()))
+
+    def _all_groups(self) -> list[Any]:
+        unique: dict[int, Any] = {}
+        for groups_list in list(self._groups.values()):
+            for groups in groups_list:
+                unique.setdefault(id(groups), groups)
+        return list(unique.values())
+
+    def hold(self, record: FrozenRecord, params: Sequence[nn.Parameter]) -> None:
+        """`record` holds `params` frozen: those not held yet are frozen and leave every registered optimizer."""
+        newly = [p for p in params if id(p) not in self._live()]
+        for param in params:
+            entry = self._held.get(id(param))
+            if entry is None:
+                entry = self._held[id(param)] = (param, weakref.WeakSet())
+            entry[1].add(record)
+        freeze_parameters(newly)
+        for groups in self._all_groups():
+            groups.remove(newly)
+
+    def release(self, record: FrozenRecord, params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+        """`record` lets go of `params`; those no open record holds any more train again, back in every registered
+        optimizer, and are returned."""
+        freed = []
+        for param in params:
+            entry = self._held.get(id(param))
+            if entry is None:
+                continue
+            entry[1].discard(record)
+            if not entry[1]:
+                del self._held[id(param)]
+                freed.append(param)
+        for param in freed:
+            param.requires_grad_(True)
+        for groups in self._all_groups():
+            groups.restore(freed)
+        return freed
+
+    def forget(self, record: FrozenRecord) -> None:
+        """`record` is closed: what it holds stays as it is (frozen unless another record gives it back), the user's."""
+        for _, holders in self._held.values():
+            holders.discard(record)
+        self._groups.pop(record, None)
+        self._live()
+
+    def refreeze(self) -> list[nn.Parameter]:
+        """Freeze again every held parameter that other code made trainable; return them."""
+        rewritten = [p for p, _ in self._live().values() if p.requires_grad]
+        freeze_parameters(rewritten)
+        return rewritten
+
+
+_LEDGERS: weakref.WeakKeyDictionary[nn.Module, FreezeLedger] = weakref.WeakKeyDictionary()
+
+
+def ledger_for(model: nn.Module) -> FreezeLedger:
+    """The `FreezeLedger` of `model` (the bare model: callers unwrap DDP, compile and PEFT first), created on first
+    use; held weakly, so it goes with the model."""
+    ledger = _LEDGERS.get(model)
+    if ledger is None:
+        ledger = _LEDGERS[model] = FreezeLedger()
+    return ledger
 
 
 class FrozenRecord:
     """
     The parameters one freezer froze, in the order it froze them, with their qualified names.
+
+    Args:
+        ledger (`FreezeLedger`, *optional*):
+            The ledger of the model, shared with the other freezers of that model (`ledger_for(model)`); a record of
+            its own by default.
 
     Example:
 
@@ -39,24 +161,39 @@ class FrozenRecord:
     ```
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ledger: FreezeLedger | None = None) -> None:
+        self.ledger = ledger if ledger is not None else FreezeLedger()
         self._frozen: dict[int, tuple[str, nn.Parameter]] = {}
 
     def freeze(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
-        """Freeze those of `named_parameters` that still train (`requires_grad=False`, gradient dropped), record
-        them, and return them."""
-        newly = [(name, p) for name, p in named_parameters if p.requires_grad and id(p) not in self._frozen]
-        freeze_parameters(p for _, p in newly)
+        """Freeze those of `named_parameters` that still train, or that another open freezer of the model holds frozen
+        (`requires_grad=False`, gradient dropped), record them, and return them."""
+        newly = [
+            (name, p)
+            for name, p in named_parameters
+            if id(p) not in self._frozen and (p.requires_grad or self.ledger.holds(p))
+        ]
+        self.ledger.hold(self, [p for _, p in newly])
         self._frozen.update((id(p), (name, p)) for name, p in newly)
         return newly
 
     def give_back(self) -> list[tuple[str, nn.Parameter]]:
-        """Make every recorded parameter train again, forget them, and return them."""
+        """Let go of every recorded parameter and forget them; return those that train again (all of them, unless
+        another open freezer of the model still holds some)."""
         given = list(self._frozen.values())
-        for _, param in given:
-            param.requires_grad_(True)
+        freed = {id(p) for p in self.ledger.release(self, [p for _, p in given])}
         self._frozen.clear()
-        return given
+        return [(name, p) for name, p in given if id(p) in freed]
+
+    def refreeze(self) -> list[tuple[str, nn.Parameter]]:
+        """Freeze again what this record (or another open record of the model) holds and other code made trainable
+        since; return this record's such parameters."""
+        rewritten = {id(p) for p in self.ledger.refreeze()}
+        return [(name, p) for key, (name, p) in self._frozen.items() if key in rewritten]
+
+    def close(self) -> None:
+        """Stop holding: what is frozen stays frozen, and is the user's from now on."""
+        self.ledger.forget(self)
 
     def __contains__(self, param: object) -> bool:
         return id(param) in self._frozen

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -180,7 +180,10 @@ def _common_module_prefix(names: list[str]) -> str:
 
 
 def freezable_units(
-    model: nn.Module, granularity: str = "module", head: Sequence[str] | None = None
+    model: nn.Module,
+    granularity: str = "module",
+    head: Sequence[str] | None = None,
+    held: Iterable[nn.Parameter] = (),
 ) -> list[FreezableUnit]:
     """
     The units of `model` that can be frozen, in depth-first pre-order of the ownership tree.
@@ -207,6 +210,9 @@ def freezable_units(
             `"module"` (the method card's) or `"block"`.
         head (`Sequence[str]`, *optional*):
             Names of the head modules, overriding the rules (see `LayerFreezer`'s `head` option).
+        held (`Iterable[torch.nn.Parameter]`, *optional*):
+            Parameters another open freezer holds frozen (`record.FreezeLedger`): the library's, not frozen by hand,
+            so they are in units as if they trained.
 
     Returns:
         `list[FreezableUnit]`: the units, earliest first. Every parameter of the model that trains is in exactly one
@@ -229,7 +235,7 @@ def freezable_units(
     validate_choice("granularity", granularity, GRANULARITIES)
     model = unwrap_model(model)
     found = find_head(model, head)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad} | {id(p) for p in held}
     if granularity == "block":
         return _block_units(model, found, trainable)
     units = _walk_units(model, _tuner_layer_ids(model), found, trainable)

@@ -153,6 +153,7 @@ def test_one_bookkeeper_per_optimizer():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     first = LayerFreezer(model, optimizer)
     first.update(0.8)
+    first.close()  # trainer.train() with keep_frozen=True: what it froze is the user's now
     second = LayerFreezer(model, optimizer)  # e.g. trainer.train() called twice with keep_frozen=True
     assert second.num_units == first.num_units - first.frozen_units > 0  # what trains now
     assert second._param_groups == [frozen_param_groups(optimizer)]
