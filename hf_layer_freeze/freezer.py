@@ -25,10 +25,10 @@ from .compiled import CompiledCodeInvalidation, resolve_max_freeze_events
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
 from .gradient_checkpointing import CheckpointInputGrads
+from .heads import peft_base_model
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
-from .heads import peft_base_model
 from .record import FrozenRecord, ledger_for
 from .rewrites import RequiresGradGuard
 from .schedule import (

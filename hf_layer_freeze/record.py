@@ -109,7 +109,8 @@ class FreezeLedger:
         return freed
 
     def forget(self, record: FrozenRecord) -> None:
-        """`record` is closed: what it holds stays as it is (frozen unless another record gives it back), the user's."""
+        """`record` is closed: what it holds stays as it is (frozen, unless another record gives it back), the user's
+        from now on."""
         for _, holders in self._held.values():
             holders.discard(record)
         self._groups.pop(record, None)

@@ -34,7 +34,7 @@ __all__ = ["RequiresGradGuard"]
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors requiring a gradient among a forward's outputs (a tensor, a tuple or list, a dict or ModelOutput)."""
+    """The tensors requiring a gradient among a forward's outputs (a tensor, a tuple or list, a dict/ModelOutput)."""
     if isinstance(output, torch.Tensor):
         values = [output]
     elif isinstance(output, dict):
@@ -73,7 +73,7 @@ class RequiresGradGuard:
         self._active = event.frozen_units > 0 or bool(event.frozen)
 
     def check(self) -> int:
-        """Freeze again what other code made trainable; warn the first time. Returns how many tensors were rewritten."""
+        """Freeze again what other code made trainable; warn the first time. Returns how many tensors it froze."""
         if not self._active:
             return 0
         rewritten = self._refreeze()

@@ -32,7 +32,8 @@ def _calling_self(callback: TrainerCallback, kind: type, max_depth: int) -> Any:
             candidate = frame.f_locals.get("self")
             if not isinstance(candidate, kind):
                 continue
-            handler = candidate if isinstance(candidate, CallbackHandler) else getattr(candidate, "callback_handler", None)
+            is_handler = isinstance(candidate, CallbackHandler)
+            handler = candidate if is_handler else getattr(candidate, "callback_handler", None)
             if handler is not None and any(cb is callback for cb in handler.callbacks):
                 return candidate
         return None
