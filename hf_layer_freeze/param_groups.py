@@ -13,22 +13,47 @@ training step and each evaluation): a frozen parameter left out of that switch w
 training-mode value, and once given back it would be moved by a switch it never took. So the same full layout is in
 place during each switch, and frozen parameters follow the modes exactly as they would inside their groups.
 
-Layer-wise optimizers, which update each parameter inside backward hooks rather than through `param_groups`, are
+Readers of `param_groups` other than torch's own `state_dict()` / `load_state_dict()`, namely torch's distributed
+checkpoint state-dict API (`get_optimizer_state_dict`, `set_optimizer_state_dict`, what Accelerate's FSDP
+checkpointing uses), see the same full layout while they run: `full_layout()` holds it, and
+`hf_layer_freeze/distributed_checkpoint.py` holds it around torch's calls.
+
+Layer-wise optimizers, which update each parameter inside backward hooks rather than through `param_groups`, and
+optimizers that keep their own list of parameters outside `param_groups` (LBFGS, ZeroRedundancyOptimizer) are
 refused by `check_supported_optimizer`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["check_supported_optimizer", "freeze_parameters", "frozen_param_groups", "unwrap_optimizer"]
+from .distributed_checkpoint import install_distributed_checkpoint_support
+
+__all__ = [
+    "check_supported_optimizer",
+    "existing_frozen_param_groups",
+    "freeze_parameters",
+    "frozen_param_groups",
+    "unwrap_optimizer",
+]
 
 # The methods that switch an optimizer between its training and evaluation points (schedule-free optimizers).
 _MODE_SWITCHES = ("train", "eval")
+
+# Optimizers that keep a list of parameters of their own, taken at construction, outside `param_groups`, keyed by
+# (module, class name) so that nothing is imported to recognise them; the value says where the list lives.
+_OWN_PARAMETER_LISTS = {
+    ("torch.optim.lbfgs", "LBFGS"): "LBFGS._params, with a curvature history over all of them",
+    (
+        "torch.distributed.optim.zero_redundancy_optimizer",
+        "ZeroRedundancyOptimizer",
+    ): "ZeroRedundancyOptimizer._all_params, partitioned across ranks into a local optimizer",
+}
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -49,7 +74,15 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
       tensor, while one optimizer per parameter steps in a post-accumulate-grad hook.
     - LOMO (`optim="lomo"` / `"adalomo"`, the `lomo_optim` package): steps during backward (`fused_backward`).
 
-    They are recognised by class and module name, so neither package is imported. An Accelerate
+    And those that keep their own list of parameters, taken at construction, outside `param_groups`, so that taking
+    a parameter out of the groups does not take it out of their step:
+
+    - `torch.optim.LBFGS` (`_params`, and a curvature history over all of them flattened into one vector, which
+      freezing cannot shrink): frozen parameters would keep moving.
+    - `torch.distributed.optim.ZeroRedundancyOptimizer` (`_all_params`, and a local optimizer over this rank's
+      partition of them, fixed at construction).
+
+    They are recognised by class and module name, so no package is imported. An Accelerate
     `AcceleratedOptimizer` is unwrapped first.
 
     Args:
@@ -57,7 +90,7 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
             The optimizer a freezer would keep consistent, raw or an Accelerate `AcceleratedOptimizer`.
 
     Raises:
-        `NotImplementedError`: for a layer-wise optimizer, with the next step.
+        `NotImplementedError`: for a layer-wise optimizer or one with its own parameter list, with the next step.
 
     Example:
 
@@ -75,6 +108,14 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
             kind = "the Trainer's layer-wise optimizers (optim='*_layerwise', a LayerWiseDummyOptimizer)"
         elif package == "lomo_optim":
             kind = f"LOMO optimizers (optim='lomo' / 'adalomo', here lomo_optim's {type(inner).__name__})"
+        elif (cls.__module__, cls.__name__) in _OWN_PARAMETER_LISTS:
+            raise NotImplementedError(
+                f"Layer freezing does not support {cls.__module__}.{cls.__name__}: it keeps its own list of "
+                f"parameters ({_OWN_PARAMETER_LISTS[cls.__module__, cls.__name__]}), taken when it was built, "
+                "outside its param_groups, where freezing takes parameters out, so frozen parameters would keep "
+                "being updated. Use an optimizer that steps through its param_groups (torch.optim.AdamW, SGD, "
+                "...), or disable the callback."
+            )
         else:
             continue
         raise NotImplementedError(
@@ -127,6 +168,10 @@ class _FrozenParamGroups:
                 if id(param) in seen:
                     raise ValueError("optimizer holds the same parameter in two param groups; torch forbids this")
                 seen.add(id(param))
+        # How many `full_layout()` blocks are open: while any is, the hooks and mode switches leave the full
+        # layout in place (torch's distributed checkpoint calls `state_dict()` in the middle of such a block).
+        self._holds = 0
+        install_distributed_checkpoint_support()  # checks torch's privates now, not at the first checkpoint
         self._hook_handles = [
             optimizer.register_state_dict_pre_hook(self._restore_before_state_dict),
             optimizer.register_state_dict_post_hook(self._remove_after_state_dict),
@@ -150,16 +195,41 @@ class _FrozenParamGroups:
     def remove(self, parameters: Iterable[torch.Tensor]) -> None:
         """Take `parameters` out of every param group (by identity)."""
         self.frozen_ids |= {id(p) for p in parameters}
-        self._apply_removal()
+        self._remove_unless_held()
 
     def restore(self, parameters: Iterable[torch.Tensor]) -> None:
         """Put `parameters` back in their groups, in their original places."""
         self.frozen_ids -= {id(p) for p in parameters}
-        self._apply_removal()
+        self._remove_unless_held()
+
+    def frozen_parameters(self) -> list[torch.Tensor]:
+        """The parameters taken out of the groups, in the full layout's order."""
+        return [p for params in self._full_params for p in params if id(p) in self.frozen_ids]
 
     def trainable_parameters(self) -> list[torch.Tensor]:
         """The parameters the optimizer still updates."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @contextlib.contextmanager
+    def full_layout(self) -> Iterator[None]:
+        """
+        Every parameter back in its group, in its place, for the block; the frozen ones are taken out again at its
+        end. For readers of `param_groups` other than torch's own `state_dict()` / `load_state_dict()` (those are
+        served by hooks), such as torch's distributed checkpoint: they see the layout the optimizer was built with,
+        as if nothing were frozen. Blocks nest. Nothing must step the optimizer inside one: frozen parameters would
+        be in its groups.
+        """
+        self._restore_full_layout()
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._remove_unless_held()
+
+    def _remove_unless_held(self) -> None:
+        if self._holds == 0:
+            self._apply_removal()
 
     def _apply_removal(self) -> None:
         for index, group in enumerate(self.optimizer.param_groups):
@@ -198,7 +268,7 @@ class _FrozenParamGroups:
             try:
                 return switch(*args, **kwargs)
             finally:
-                self._apply_removal()
+                self._remove_unless_held()
 
         switch_with_full_layout._switches_full_layout = True
         return switch_with_full_layout
@@ -208,14 +278,14 @@ class _FrozenParamGroups:
         self._restore_full_layout()
 
     def _remove_after_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-        self._apply_removal()
+        self._remove_unless_held()
         return state_dict
 
     def _restore_before_load(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
         self._restore_full_layout()
 
     def _remove_after_load(self, optimizer: torch.optim.Optimizer) -> None:
-        self._apply_removal()
+        self._remove_unless_held()
 
 
 _GROUPS_BY_OPTIMIZER: weakref.WeakKeyDictionary[torch.optim.Optimizer, _FrozenParamGroups] = (
@@ -236,3 +306,8 @@ def frozen_param_groups(optimizer: torch.optim.Optimizer) -> _FrozenParamGroups:
         groups = _FrozenParamGroups(optimizer)
         _GROUPS_BY_OPTIMIZER[optimizer] = groups
     return groups
+
+
+def existing_frozen_param_groups(optimizer: torch.optim.Optimizer) -> _FrozenParamGroups | None:
+    """The `_FrozenParamGroups` of `optimizer` if a freezer made one, else `None` (none is created)."""
+    return _GROUPS_BY_OPTIMIZER.get(unwrap_optimizer(optimizer))

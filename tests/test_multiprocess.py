@@ -158,12 +158,23 @@ def _torchrun_fsdp(out: Path, mode: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["2", "1-orig"], ids=["fsdp2-fully_shard", "fsdp1-use_orig_params"])
-def test_fsdp_freezing_keeps_ranks_identical_and_frozen_parameters_unchanged(tmp_path, mode):
+def test_fsdp_freezing_keeps_ranks_identical_frozen_parameters_unchanged_and_saves_through_dcp(tmp_path, mode):
     ranks = _torchrun_fsdp(tmp_path, mode)
     for result in ranks:
         assert "refused" not in result
         assert result["identical"] and result["unchanged"]
         assert result["counts"][-1] == result["num_units"] and len(set(result["counts"])) >= 5
+        # saved through DCP after a freeze event (some units frozen, some training): the full standard layout, with
+        # the frozen parameters' state, the same on both ranks
+        saved = result["saved"]
+        assert saved["grouped"] == saved["with_state"] == result["names"]
+        assert 0 < len(result["frozen_at_save"]) < len(result["names"])
+        assert result["saved_same"] and result["loaded_same"]
+        # loaded (dcp.load + set_optimizer_state_dict) into the frozen optimizer, whose state had gone on, and into
+        # a fresh one: the saved state, exactly; the frozen parameters stay out of the groups, unmoved
+        assert result["before_load"]["digest"] != saved["digest"]
+        assert result["loaded_frozen"] == saved == result["loaded_fresh"]
+        assert result["parameters_kept"] and result["still_frozen"]
 
 
 def test_fsdp1_flat_parameters_are_refused_with_the_next_step(tmp_path):

@@ -235,3 +235,74 @@ def test_the_freezer_refuses_a_layerwise_optimizer():
     model = tiny_timm()
     with pytest.raises(NotImplementedError, match="layer-wise"):
         LayerFreezer(model, _layerwise_dummy(model), freeze_start=0.5)
+
+
+# Optimizers that keep their own list of parameters outside `param_groups`, refused by name.
+REFUSED_OWN_PARAMETER_LISTS = {"LBFGS"}
+TORCH_OPTIMIZERS = sorted(
+    name
+    for name in torch.optim.__all__
+    if isinstance(cls := getattr(torch.optim, name), type) and issubclass(cls, torch.optim.Optimizer)
+    if cls is not torch.optim.Optimizer
+)
+
+
+class _SparseEmbeddings(torch.nn.Module):
+    """Two sparse embeddings summed: what `torch.optim.SparseAdam` takes (sparse gradients only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(10, 3, sparse=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x) + self.head(x)
+
+
+@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
+def test_each_torch_optimizer_keeps_frozen_tensors_unchanged_or_is_refused_by_name(name):
+    """Every optimizer in `torch.optim`: after a freeze event, the frozen tensors stay bitwise unchanged while every
+    still-trainable tensor changes; or the freezer refuses it at build, naming the class and the next step."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    if name == "SparseAdam":
+        model, head = _SparseEmbeddings(), "head"
+        batches = [(torch.randint(0, 10, (6,), generator=generator),) for _ in range(5)]
+    else:  # no biases: Muon takes 2-D parameters only
+        layers = [torch.nn.Linear(4, 8, bias=False), torch.nn.ReLU(), torch.nn.Linear(8, 8, bias=False)]
+        model, head = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False)), "4"
+        batches = [(torch.randn(6, 4, generator=generator),) for _ in range(5)]
+    optimizer = getattr(torch.optim, name)(model.parameters(), lr=0.1)
+    if name in REFUSED_OWN_PARAMETER_LISTS:
+        with pytest.raises(NotImplementedError, match=rf"torch\.optim\.\w+\.{name}: it keeps its own list.*Use an"):
+            LayerFreezer(model, optimizer, freeze_start=0.0, head=head)
+        return
+    freezer = LayerFreezer(model, optimizer, freeze_start=0.0, head=head)
+
+    def step(inputs: tuple[torch.Tensor, ...]) -> None:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = model(*inputs).square().mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    for inputs in batches[:2]:
+        step(inputs)
+    freezer.freeze_units(1)
+    frozen = set(freezer.units[0].parameter_names)
+    before = _params(model)
+    for inputs in batches[2:]:
+        step(inputs)
+    changed = set(_differing(before, _params(model)))
+    assert frozen and not changed & frozen, sorted(changed & frozen)
+    assert changed == before.keys() - frozen
+
+
+def test_zero_redundancy_optimizer_is_refused_by_name():
+    """`ZeroRedundancyOptimizer` partitions its parameters into a local optimizer at construction (which needs a
+    process group: an unbuilt instance stands in, recognised by class alone)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    with pytest.raises(NotImplementedError, match=r"ZeroRedundancyOptimizer: it keeps its own list.*_all_params"):
+        check_supported_optimizer(ZeroRedundancyOptimizer.__new__(ZeroRedundancyOptimizer))
