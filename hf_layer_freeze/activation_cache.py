@@ -200,7 +200,8 @@ class ActivationCache:
             Host-memory budget for cached outputs and their keys, in bytes.
 
     Raises:
-        `NotImplementedError`: a model family it does not know, a compiled model, FSDP.
+        `NotImplementedError`: a model family it does not know, a compiled model, FSDP, NEFTune's hook on the prefix
+            (here, or at the first training forward after it was registered).
     """
 
     def __init__(self, model: nn.Module, max_bytes: int) -> None:
