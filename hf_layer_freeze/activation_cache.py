@@ -21,10 +21,16 @@ an older cut serve the new one: only the blocks frozen since run on them, and th
 the examples of one batch were cached at different cuts, each block runs on the rows that need it (a sub-batch, so
 those rows match an uncached run to floating-point rounding rather than bitwise).
 
-With caching on, the frozen prefix runs in eval mode whether a step hits or misses (dropout off, BatchNorm on its
-running statistics), so a cached output is exactly what the prefix computes: a warning says so when the prefix has
-dropout. Past `cache_max_bytes` (outputs and keys together), new examples are computed and not stored; nothing is
-ever served that was not computed from the same inputs by the same frozen weights (unfreezing empties the cache).
+With caching on, the frozen prefix runs in eval mode whether a step hits or misses (dropout, timm's drop-path and
+drop-block off, BatchNorm on its running statistics), so a cached output is exactly what the prefix computes: a
+warning names what that turns off. A hit skips the prefix's modules, and so the forward hooks on them: while a
+foreign forward hook or pre-hook is on the prefix (`forward_hooks.py` says which are foreign), or a pre-hook above it
+that could change its inputs after they were keyed, or a global one, steps are computed and not stored (a warning
+names each hook, once). NEFTune (`TrainingArguments(neftune_noise_alpha=...)`) is refused by name: it noises the
+embeddings only in training mode and differently at every step, so the prefix's output never repeats.
+
+Past `cache_max_bytes` (outputs and keys together), new examples are computed and not stored; nothing is ever served
+that was not computed from the same inputs by the same frozen weights (unfreezing empties the cache).
 
 Not supported, refused by name: compiled models (the cache decides in Python per step), FSDP (each frozen module
 gathers its shards in forward: ranks that skip it would desynchronize the collectives).
@@ -41,7 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batchnorm import keeps_eval_mode
 from .events import FreezeEvent
+from .forward_hooks import ForeignHook, check_hook_internals, foreign_forward_hooks, foreign_global_forward_hooks
 from .heads import peft_base_model
 from .wrappers import is_compiled, unwrap_model
 
@@ -53,6 +61,7 @@ SUPPORTED_TRANSFORMERS = ("bert", "roberta", "vit", "llama")
 SUPPORTED_TIMM = ("VisionTransformer", "ResNet")
 # Inputs that never reach the frozen prefix, so they are not part of an example's key.
 UNKEYED_INPUTS = ("labels",)
+DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @dataclass(frozen=True)
@@ -68,12 +77,15 @@ class PrefixLayout:
             `use_cache=False`, since frozen layers skipped on a hit would leave a key/value cache incomplete.
         ancestor_parameters (`tuple[torch.nn.Parameter, ...]`): parameters held directly by the modules above the
             blocks (a ViT's `cls_token` and `pos_embed`): all must be frozen before anything is cached.
+        above (`tuple[torch.nn.Module, ...]`): the modules between the model and the first block (the base model,
+            the encoder, a `Sequential` of blocks): their forward pre-hooks run before the prefix does.
     """
 
     before: tuple[nn.Module, ...]
     blocks: tuple[nn.Module, ...]
     use_cache_input: bool = False
     ancestor_parameters: tuple[nn.Parameter, ...] = ()
+    above: tuple[nn.Module, ...] = ()
 
 
 def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
@@ -111,7 +123,8 @@ def _layout(root: nn.Module, first: nn.Module, blocks: tuple[nn.Module, ...], us
     """The layout whose blocks start at `first` (the blocks' container, or the first block), seen from `root`."""
     path = _path_to(root, first)
     ancestors = tuple(p for module in path[:-1] for p in module.parameters(recurse=False))
-    return PrefixLayout(tuple(_children_before(path)), blocks, use_cache_input, ancestors)
+    above = tuple(m for m in path[1:] if not any(m is block for block in blocks))
+    return PrefixLayout(tuple(_children_before(path)), blocks, use_cache_input, ancestors, above)
 
 
 def prefix_layout(model: nn.Module) -> PrefixLayout:
@@ -187,7 +200,8 @@ class ActivationCache:
             Host-memory budget for cached outputs and their keys, in bytes.
 
     Raises:
-        `NotImplementedError`: a model family it does not know, a compiled model, FSDP.
+        `NotImplementedError`: a model family it does not know, a compiled model, FSDP, NEFTune's hook on the prefix
+            (here, or at the first training forward after it was registered).
     """
 
     def __init__(self, model: nn.Module, max_bytes: int) -> None:
@@ -203,6 +217,7 @@ class ActivationCache:
                 "cache_activations=True does not support FSDP: ranks that skip a frozen module's forward would skip "
                 "its all-gather. Use DDP, or cache_activations=False."
             )
+        check_hook_internals()
         self.model = unwrap_model(model)
         self.layout = prefix_layout(self.model)
         self.max_bytes = max_bytes
@@ -213,9 +228,12 @@ class ActivationCache:
         self._step: _Step | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped: list[tuple[nn.Module, Callable]] = []
-        self._warned_dropout = False
+        self._warned_eval_mode = False
+        self._warned_hooks: set[tuple[int, str]] = set()
         self.steps = self.hits = 0  # since the last `take_metrics()`
         self.total_steps = self.total_hits = 0  # over the freezer's life
+        # The Trainer activates NEFTune in `train()`, before the callbacks' on_train_begin builds this: refuse it now.
+        self._refuse_neftune(self._foreign_hooks([*self.layout.before, *self.layout.blocks]))
 
     # --- listener -------------------------------------------------------------------------------------------------
     def on_freeze_event(self, event: FreezeEvent) -> None:
@@ -235,7 +253,7 @@ class ActivationCache:
         if cut >= 0 and not self._handles:
             self._install()
         if cut >= 0:
-            self._warn_if_the_prefix_has_dropout()
+            self._warn_about_eval_mode()
 
     def close(self) -> None:
         """Remove the hooks and the forward wrappers, and drop every cached output."""
@@ -276,17 +294,60 @@ class ActivationCache:
     def _region(self) -> list[nn.Module]:
         return [*self.layout.before, *self.layout.blocks[: self.cut + 1]]
 
-    def _warn_if_the_prefix_has_dropout(self) -> None:
-        if self._warned_dropout:
+    def _warn_about_eval_mode(self) -> None:
+        if self._warned_eval_mode:
             return
-        dropouts = [m for r in self._region() for m in r.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        if dropouts:
+        turned_off = _training_only_behaviour(m for r in self._region() for m in r.modules())
+        if turned_off:
             warnings.warn(
-                f"cache_activations=True: the frozen prefix runs in eval mode, cached or not, so its {len(dropouts)} "
-                "dropout layer(s) are off (a cached output is exactly what the prefix computes).",
+                "cache_activations=True: the frozen prefix runs in eval mode, cached or not, so what acts only in "
+                f"training mode there is off: {'; '.join(turned_off)} (a cached output is exactly what the prefix "
+                "computes).",
                 stacklevel=4,
             )
-            self._warned_dropout = True
+            self._warned_eval_mode = True
+
+    # --- forward hooks a hit would skip ---------------------------------------------------------------------------
+    def _foreign_hooks(self, prefix: list[nn.Module]) -> list[ForeignHook]:
+        """The foreign hooks a hit would skip or feed stale values: those on every module of `prefix`, the pre-hooks
+        of the modules above it and the model's pre-hooks that run after the cache's (they may change the prefix's
+        inputs after the cache keyed them), and the global ones."""
+        found = foreign_global_forward_hooks()
+        found += foreign_forward_hooks(m for top in prefix for m in top.modules())
+        found += foreign_forward_hooks(self.layout.above, pre_hooks_only=True)
+        if self._handles:
+            found += foreign_forward_hooks([self.model], pre_hooks_only=True, after=self._handles[0].id)
+        return found
+
+    def _describe(self, hooks: list[ForeignHook]) -> str:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return ", ".join(
+            f"{h.kind} {h.name}" + ("" if h.module is None else f" on {names.get(id(h.module)) or '<the model>'}")
+            for h in hooks
+        )
+
+    def _refuse_neftune(self, hooks: list[ForeignHook]) -> None:
+        neftune = [h for h in hooks if h.neftune]
+        if neftune:
+            raise NotImplementedError(
+                f"cache_activations=True does not support NEFTune ({self._describe(neftune)}; "
+                "TrainingArguments(neftune_noise_alpha=...) registers it): NEFTune noises the embeddings differently "
+                "at every training step, so the frozen prefix's output never repeats, and the cache runs the prefix "
+                "in eval mode, where the hook adds no noise. Use neftune_noise_alpha=None, or cache_activations=False."
+            )
+
+    def _compute_because_of(self, hooks: list[ForeignHook]) -> None:
+        """Refuse NEFTune; for any other foreign hook, warn once that steps are computed while it is there."""
+        self._refuse_neftune(hooks)
+        new = [h for h in hooks if (id(h.module), h.name) not in self._warned_hooks]
+        if new:
+            self._warned_hooks.update((id(h.module), h.name) for h in new)
+            warnings.warn(
+                f"cache_activations=True: {self._describe(new)} would be skipped by a step served from the cache, so "
+                "training steps are computed in full, and not cached, while it is registered (the frozen prefix "
+                "still runs in eval mode: a hook that acts only in training mode does nothing there).",
+                stacklevel=2,
+            )
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._step = None
@@ -294,8 +355,15 @@ class ActivationCache:
             return None
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             return None  # the skipped layers' outputs are asked for: compute them
-        for region_module in self._region():
+        region = self._region()
+        for region_module in region:
             region_module.eval()
+        foreign = self._foreign_hooks(region)
+        if foreign:  # checked at every step: a hook may come at any time
+            self._compute_because_of(foreign)
+            self.steps += 1
+            self.total_steps += 1
+            return None
         keyed = _example_keys(args, kwargs)
         if keyed is None:
             return None
@@ -397,6 +465,35 @@ class ActivationCache:
         if rows:
             cached = torch.stack([step.entries[r].output for r in rows]).to(device, step.hidden.dtype)
             step.hidden = step.hidden.index_copy(0, torch.tensor(rows, device=device), cached)
+
+
+def _training_only_behaviour(modules: Any) -> list[str]:
+    """What eval mode turns off among `modules`, in words: dropout, timm's drop-path and drop-block (`drop_prob`),
+    attention dropout held as a float (transformers' attention modules), BatchNorm's batch statistics."""
+    dropout = drop_path = attention = batchnorm = 0
+    for m in modules:
+        if isinstance(m, DROPOUT_LAYERS):
+            dropout += m.p > 0
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            batchnorm += m.track_running_stats and not keeps_eval_mode(m)  # freeze_batchnorm=True already locks it
+        elif _positive(getattr(m, "drop_prob", None)):
+            drop_path += 1
+        elif _positive(getattr(m, "attention_dropout", None)):
+            attention += 1
+    return [
+        f"{count} {what}"
+        for count, what in (
+            (dropout, "dropout layer(s)"),
+            (drop_path, "drop-path/drop-block layer(s) (stochastic depth)"),
+            (attention, "attention module(s) with attention dropout"),
+            (batchnorm, "BatchNorm layer(s), now on their running statistics"),
+        )
+        if count
+    ]
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _device_of(args: tuple, kwargs: dict, fallback: nn.Module) -> torch.device:

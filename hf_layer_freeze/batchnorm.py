@@ -11,13 +11,19 @@ import torch
 from torch import nn
 
 from .events import FreezeEvent
+from .forward_hooks import has_forward_pre_hook
 from .wrappers import unwrap_model
 
-__all__ = ["BatchNormLock"]
+__all__ = ["BatchNormLock", "keeps_eval_mode"]
 
 
 def _stay_in_eval(module: nn.Module, args: tuple) -> None:
     module.training = False
+
+
+def keeps_eval_mode(module: nn.Module) -> bool:
+    """Whether a `BatchNormLock` keeps `module` in eval mode."""
+    return has_forward_pre_hook(module, _stay_in_eval)
 
 
 class BatchNormLock:

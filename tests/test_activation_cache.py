@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -93,8 +94,9 @@ class _EvalPrefix:
                 block.eval()
 
 
-def _train(model, data, freeze_at: dict[int, int], cache: bool, epochs: int = 4, augment: bool = False, **options):
-    """Train `epochs` epochs in a fixed shuffled order; return the losses, every step's gradients and the freezer."""
+def _train(model, data, freeze_at: dict[int, int], cache: bool, epochs=4, augment=False, after_step=None, **options):
+    """Train `epochs` epochs in a fixed shuffled order; return the losses, every step's gradients and the freezer.
+    `after_step(step, freezer)`, if given, runs after each step."""
     torch.manual_seed(4)  # dropout after the prefix draws the same numbers in both runs
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     freezer = LayerFreezer(model, optimizer, granularity="block", cache_activations=cache, **options)
@@ -119,6 +121,8 @@ def _train(model, data, freeze_at: dict[int, int], cache: bool, epochs: int = 4,
             step += 1
             if step in freeze_at:
                 freezer.freeze_units(freeze_at[step])
+            if after_step is not None:
+                after_step(step, freezer)
     return losses, grads, freezer
 
 
@@ -199,6 +203,109 @@ def test_the_prefix_runs_in_eval_mode_and_a_warning_says_so_when_it_has_dropout(
     model(**batch)
     assert not model.bert.embeddings.training and not model.bert.encoder.layer[1].training
     assert model.bert.encoder.layer[2].training  # what trains keeps its dropout
+
+
+def test_the_eval_mode_warning_names_stochastic_depth_attention_dropout_and_batchnorm():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8,
+                            drop_path_rate=0.2)  # fmt: skip
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, attention_dropout=0.1))
+    for model, options, match in (
+        (vit, {}, r"drop-path/drop-block layer\(s\) \(stochastic depth\)"),
+        (llama, {}, r"2 attention module\(s\) with attention dropout"),
+        (tiny_timm("resnet10t", num_classes=3), {}, r"BatchNorm layer\(s\), now on their running statistics"),
+    ):
+        freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                               cache_activations=True, **options)  # fmt: skip
+        with pytest.warns(UserWarning, match="the frozen prefix runs in eval mode.*" + match):
+            freezer.freeze_units(3)  # the embeddings (or stem) and two blocks
+    model = tiny_timm("resnet10t", num_classes=3)
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                           cache_activations=True, freeze_batchnorm=True)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # freeze_batchnorm=True locked them already: eval mode turns nothing off
+        freezer.freeze_units(3)
+
+
+def test_neftune_with_caching_is_refused_by_name_at_train_begin_and_when_it_comes_mid_run(tmp_path):
+    from transformers.integrations.neftune import activate_neftune
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, use_cpu=True,
+                             report_to=[], save_strategy="no", neftune_noise_alpha=5.0, disable_tqdm=True)  # fmt: skip
+    dataset = RandomTokenDataset(n=24, length=12, vocab=64, causal=True)
+    callback = LayerFreezingCallback(freeze_start=0.0, granularity="block", cache_activations=True)
+    trainer = Trainer(model=_llama(), args=args, train_dataset=dataset, callbacks=[callback])
+    refusal = r"does not support NEFTune \(forward hook .*neftune_post_forward_hook on model.embed_tokens.*"
+    with pytest.raises(
+        NotImplementedError, match=refusal + "Use neftune_noise_alpha=None, or cache_activations=False"
+    ):
+        trainer.train()
+    # NEFTune switched on later (a loop of one's own, other code): refused when the cache would next serve a step
+    model = _llama()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                           cache_activations=True)  # fmt: skip
+    freezer.freeze_units(2)
+    batch = {k: torch.stack([e[k] for e in _data("causal")[:BATCH]]) for k in ("input_ids", "labels")}
+    model.train()
+    model(**batch)
+    activate_neftune(model, 5.0)
+    with pytest.raises(NotImplementedError, match=refusal):
+        model(**batch)
+
+
+def test_a_foreign_hook_on_the_prefix_keeps_its_effect_steps_are_computed_while_it_is_there_and_a_warning_says_so():
+    """Hooks registered mid-run on a module inside a frozen block and for every module (a global one), which change
+    the block's output by a call-count-dependent offset: while they are there every step is computed and not stored,
+    so their calls and effect are those of the uncached run; once they are removed, the cache serves again."""
+
+    def run(model, cache: bool):
+        calls = {"mlp": 0, "norm": 0}
+        norm = model.model.layers[0].input_layernorm
+        handles, hits = [], {}
+
+        def offset(module, args, output):  # deterministic, but a stale cached output would show
+            calls["mlp"] += 1
+            return output + 1e-3 * calls["mlp"]
+
+        def count(module, args, output):
+            calls["norm"] += module is norm
+
+        def after_step(step, freezer):
+            if step == 7:
+                handles.append(model.model.layers[0].mlp.register_forward_hook(offset))
+                handles.append(torch.nn.modules.module.register_module_forward_hook(count))
+            if step == 10:
+                for handle in handles:
+                    handle.remove()
+            if cache:
+                hits[step] = freezer.activation_cache.total_hits
+
+        try:
+            losses, grads, _ = _train(model, _data("causal"), {3: 2}, cache=cache, after_step=after_step)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return losses, grads, calls, hits
+
+    torch.manual_seed(0)
+    model = _llama()
+    expected_losses, expected_grads, expected_calls, _ = run(copy.deepcopy(model), cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, grads, calls, hits = run(model, cache=True)
+    assert calls == expected_calls == {"mlp": 3, "norm": 3}  # steps 8 to 10, one call each
+    assert [loss.item() for loss in losses] == [loss.item() for loss in expected_losses]  # bitwise
+    for step, (got, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), f"step {step + 1}"
+    assert hits[7] > 0  # the cache served before the hooks came
+    assert hits[10] == hits[7]  # none while they were there
+    assert hits[12] > hits[10]  # and again once they were gone: what it stored before is still true
+    hook_warnings = [
+        str(w.message) for w in caught if "would be skipped by a step served from the cache" in str(w.message)
+    ]
+    assert len(hook_warnings) == 1  # once, naming both hooks and where they are
+    assert "forward hook" in hook_warnings[0] and ".offset on model.layers.0.mlp" in hook_warnings[0]
+    assert "global forward hook" in hook_warnings[0] and ".count" in hook_warnings[0]
 
 
 def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupted_one(tmp_path):
