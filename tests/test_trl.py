@@ -7,6 +7,7 @@ topics, a tiny Llama built from a config."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 
@@ -21,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
 
@@ -140,3 +141,76 @@ def test_sft_trainer_freezes_on_schedule_and_trains_every_unfrozen_tensor(tmp_pa
     assert {n for n, p in named.items() if p.requires_grad} == trainable
     in_optimizer = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
     assert sorted(in_optimizer) == sorted(id(named[n]) for n in trainable)
+
+
+class GradientWatch(TrainerCallback):
+    """At each optimizer step, before it: the trainable tensors (LoRA adapters here) with a gradient, and the frozen
+    ones (by the callback's record) that require a gradient or hold one."""
+
+    def __init__(self, callback: LayerFreezingCallback) -> None:
+        self.callback = callback
+        self.steps: list[tuple[int, int, int]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        frozen = {id(p) for p in self.callback.freezer.record.parameters}
+        named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+        trains = [p for _, p in named if id(p) not in frozen]
+        self.steps.append(
+            (
+                sum(p.grad is not None for p in trains),
+                len(trains),
+                sum(p.requires_grad or p.grad is not None for _, p in named if id(p) in frozen),
+            )
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_dpo_with_lora_and_no_ref_model_trains_exactly_the_unfrozen_adapters(tmp_path, checkpointing):
+    # DPOTrainer with a PEFT model and ref_model=None computes the reference inside PEFT's disable_adapter(), which
+    # sets requires_grad=True on every adapter when it exits, between the policy's forward and its backward
+    texts = _sentences()
+    tokenizer = _tokenizer(texts)
+    model = _model(len(tokenizer))
+    rows = [
+        {"prompt": t[:20], "chosen": t[20:], "rejected": texts[(i + 1) % len(texts)][20:]} for i, t in enumerate(texts)
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        max_length=32,
+        gradient_checkpointing=checkpointing,
+    )
+    callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
+    watch, grads = StepWatch(), GradientWatch(callback)
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback, watch, grads],
+    )
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.state.global_step == MAX_STEPS
+    assert callback.frozen_units >= 2
+    # at every optimizer step: every unfrozen adapter has a gradient, no frozen one requires or holds one
+    assert grads.steps and all(with_grad == trains and not bad for with_grad, trains, bad in grads.steps), grads.steps
+    assert watch.trained_exactly_the_unfrozen(), watch.steps
+    said = [w for w in caught if "disable_adapter" in str(w.message)]
+    assert len(said) == 1  # said once, by name
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == trainable  # handed back
