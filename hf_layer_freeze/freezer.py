@@ -24,7 +24,7 @@ from .batchnorm import BatchNormLock
 from .compiled import CompiledCodeInvalidation, resolve_max_freeze_events
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
-from .gradient_checkpointing import CheckpointInputGrads
+from .gradient_checkpointing import CheckpointInputGrads, ReentrantCheckpointCheck
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
@@ -255,6 +255,7 @@ class LayerFreezer:
             self.gradient_norms = GradientNormTracker(self._optimizer_holding_units(), lambda: self.units)
         self._ddp_sync = DDPReducerSync(model)
         self.listeners: list[FreezeListener] = [self._ddp_sync, CheckpointInputGrads(model)]
+        self.listeners.append(ReentrantCheckpointCheck(model))
         self.listeners.append(CompiledCodeInvalidation(model))
         if options.freeze_batchnorm:
             self.listeners.append(BatchNormLock(model))
