@@ -24,7 +24,7 @@ from .batchnorm import BatchNormLock
 from .compiled import CompiledCodeInvalidation, resolve_max_freeze_events
 from .distributed import DDPReducerSync, check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
-from .gradient_checkpointing import CheckpointInputGrads
+from .gradient_checkpointing import CheckpointInputGrads, ReentrantCheckpointCheck
 from .heads import peft_base_model
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .param_groups import check_supported_optimizer, frozen_param_groups
@@ -271,6 +271,7 @@ class LayerFreezer:
         self._ddp_sync = DDPReducerSync(model)
         self.guard = RequiresGradGuard(model, self.record.refreeze)
         self.listeners: list[FreezeListener] = [self._ddp_sync, CheckpointInputGrads(model), self.guard]
+        self.listeners.append(ReentrantCheckpointCheck(model))
         self.listeners.append(CompiledCodeInvalidation(model))
         if options.freeze_batchnorm:
             self.listeners.append(BatchNormLock(model))

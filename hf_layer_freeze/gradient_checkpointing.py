@@ -16,11 +16,18 @@ The fix makes the input of the first checkpointed layer that holds a trainable u
   checkpoint but the model's: with timm's re-entrant mode on (`timm.layers.set_reentrant_ckpt(True)` or
   `TIMM_REENTRANT_CKPT=1`), the model's input gets `requires_grad`. Training is then right, but backward runs
   through the frozen checkpointed blocks too (no weight gradients, still their input gradients): a warning says so.
+
+A user's own re-entrant checkpoint (`torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)` in their
+`forward`) has no hook outside it to make its input require a gradient. `ReentrantCheckpointCheck` refuses it by
+name instead: on the first training forward after each freeze event, a module holding a unit that still trains and
+running inside torch's re-entrant `CheckpointFunction` whose inputs require no gradient raises, naming the fix
+(`use_reentrant=False`), before the step that would silently not train it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from typing import Any
 
@@ -32,7 +39,7 @@ from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointInputGrads"]
+__all__ = ["CheckpointInputGrads", "ReentrantCheckpointCheck"]
 
 
 def _requiring_grad(value: Any) -> Any:
@@ -162,3 +169,103 @@ class CheckpointInputGrads:
             )
             self._warned = True
         return tuple(_requiring_grad(a) for a in args), {k: _requiring_grad(v) for k, v in kwargs.items()}
+
+
+def _reentrant_checkpoint_forward() -> Any:
+    """The code of torch's re-entrant checkpoint's forward, whose frame holds the checkpoint's inputs (`args`)."""
+    from torch.utils import checkpoint
+
+    function = getattr(getattr(checkpoint, "CheckpointFunction", None), "forward", None)
+    code = getattr(function, "__code__", None)
+    if code is None or "args" not in code.co_varnames:
+        raise NotImplementedError(
+            f"torch {torch.__version__}: torch.utils.checkpoint.CheckpointFunction.forward(ctx, run_function, "
+            "preserve_rng_state, *args) is not there; hf_layer_freeze checks re-entrant checkpoints through it"
+        )
+    return code
+
+
+class ReentrantCheckpointCheck:
+    """
+    A freeze listener that refuses a re-entrant gradient checkpoint whose inputs require no gradient around a unit
+    that still trains (a user's `torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)`), which would
+    silently stop training it. It checks the first training forward after each freeze event, then takes its hooks
+    off until the next one.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model, bare or wrapped.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = unwrap_model(model)
+        self._code = _reentrant_checkpoint_forward()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []  # on the units that still train
+        self._names: dict[int, str] = {}
+        self._training_forward = False
+        self._depth = 0  # model forwards running, nested ones included
+        # The model's own hooks stay for the freezer's life: an event may come from inside a forward (the
+        # first-forward profile), where removing a hook the running forward has listed would break that forward.
+        self._model_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_freeze_event(self, event: FreezeEvent) -> None:
+        """Check the next training forward: the units that still train, and whether they get a gradient."""
+        self._remove()
+        names = {id(m): n for n, m in self.model.named_modules()}
+        trainable = [u.module for u in event.units[event.frozen_units :] if any(p.requires_grad for p in u.parameters)]
+        if not trainable or all(p.requires_grad for p in self.model.parameters()):
+            return  # nothing trains, or nothing is frozen: no checkpoint input lost its gradient
+        self._names = {id(m): names.get(id(m), "") for m in trainable}
+        self._handles = [m.register_forward_pre_hook(self._check) for m in dict.fromkeys(trainable)]
+        if not self._model_handles:
+            self._model_handles = [
+                self.model.register_forward_pre_hook(self._model_begins),
+                self.model.register_forward_hook(self._model_ends, always_call=True),
+            ]
+
+    def _model_begins(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+        if self._depth == 1:  # a forward nested in a hook of the model's (the first-forward profile) is not it
+            self._training_forward = bool(self._handles) and torch.is_grad_enabled()
+
+    def _model_ends(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            if self._training_forward:  # checked once: the units' hooks come off until the next freeze event
+                self._remove()
+            self._training_forward = False
+
+    def _check(self, module: nn.Module, args: tuple) -> None:
+        # the fast path: a training forward with gradients on (a re-entrant checkpoint's forward has them off)
+        if torch.is_grad_enabled() or not self._training_forward:
+            return
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not self._code:
+            frame = frame.f_back
+        if frame is None:
+            return  # gradients off by the user's own no_grad, not a checkpoint
+        inputs = frame.f_locals.get("args", ())
+        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
+            return
+        name = self._names.get(id(module), type(module).__name__) or "<root>"
+        raise NotImplementedError(
+            f"{name!r} holds parameters that still train, but runs inside a re-entrant gradient checkpoint "
+            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True)) whose inputs require no gradient now "
+            "that what runs before it is frozen: it would silently stop training. Checkpoint with "
+            "use_reentrant=False (torch's recommendation), or through the model's own gradient_checkpointing_enable() "
+            "(transformers) or set_grad_checkpointing() (timm), which hf_layer_freeze keeps training."
+        )
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        self._remove()
+        for handle in self._model_handles:
+            handle.remove()
+        self._model_handles = []
+        self._training_forward = False
+        self._depth = 0

@@ -8,12 +8,20 @@ ask the model first, guess last, and say when guessing):
    the model inside (the `modules_to_save` copy of a classifier sits where the classifier sat: it is head);
 3. timm: the outermost module with a `get_classifier()` names its classifier;
 4. transformers: everything outside the outermost `PreTrainedModel`'s `base_model` (RoBERTa's two-layer
-   `classifier`, DeiT's and LeViT's distillation heads, a causal LM's `lm_head`, tied to the input embedding or not);
+   `classifier`, DeiT's and LeViT's distillation heads, a causal LM's `lm_head`, tied to the input embedding or not,
+   BART's `lm_head`). A model that is its own base model (`T5ForConditionalGeneration`, `EncoderDecoderModel`,
+   `VisionEncoderDecoderModel`) names its output projection with `get_output_embeddings()` (T5's `lm_head`), and
+   the transformers models inside it have their own heads by this rule (an `EncoderDecoderModel`'s
+   `BertLMHeadModel` decoder: its whole `cls` prediction head);
 5. a user's module around a backbone (a `BertModel`, a headless timm model, a transformers model with its own
    head): what lies outside the backbone is head, joined with the backbone's own head by rules 3 and 4.
 
 Rules 3 to 5 are joined: a `TimmWrapperForImageClassification` is a transformers model whose classifier only timm
-names. When none applies, the caller keeps the last unit as head and warns naming it (`Head.rule` is `None`).
+names. When none applies, the caller keeps the last module owning trainable parameters as head and warns naming it
+(`Head.rule` is `None`).
+
+A parameter the head holds is the head's wherever else it sits: an input embedding tied to the output projection
+(T5's `shared`, BART's `shared`, a BERT decoder's word embeddings) is in no unit and never freezes.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ class Head:
         modules (`tuple[torch.nn.Module, ...]`): the head modules that own parameters (may be empty: a causal LM
             whose `lm_head` is tied, or frozen by PEFT, has a head that owns nothing trainable).
         rule (`str` or `None`): the rule that named it (`"head option"`, `"timm get_classifier()"`, `"transformers
-            base_model"`, `"outside the backbone"`, joined with `" + "`), `None` when no rule applied.
+            base_model"`, `"transformers get_output_embeddings()"`, `"outside the backbone"`, joined with `" + "`),
+            `None` when no rule applied.
     """
 
     modules: tuple[nn.Module, ...]
@@ -106,12 +115,12 @@ def _timm_head(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
     return [], None
 
 
-def _outermost_pretrained(model: nn.Module) -> list[PreTrainedModel]:
-    """The outermost transformers `PreTrainedModel`s in `model` (`model` itself if it is one)."""
+def _outermost_pretrained(model: nn.Module, below: bool = False) -> list[PreTrainedModel]:
+    """The outermost transformers `PreTrainedModel`s in `model` (`model` itself if it is one, unless `below`)."""
     found: list[PreTrainedModel] = []
     inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside):
+        if (below and module is model) or any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, PreTrainedModel):
             found.append(module)
@@ -148,10 +157,9 @@ def find_head(model: nn.Module, names: Sequence[str] | None = None) -> Head:
         rules.append("timm get_classifier()")
     backbones: list[nn.Module] = _outermost_pretrained(model)
     for pretrained in backbones:
-        base = getattr(pretrained, "base_model", None)
-        if isinstance(base, nn.Module) and base is not pretrained:
-            heads += [child for child in pretrained.children() if child is not base]
-            rules.append("transformers base_model")
+        found, named_by = _transformers_head(pretrained)
+        heads += found
+        rules += named_by
     if timm_model is not None and not any(timm_model is b or _contains(b, timm_model) for b in backbones):
         backbones.append(timm_model)
     if backbones and not any(b is model for b in backbones):
@@ -168,6 +176,28 @@ def find_head(model: nn.Module, names: Sequence[str] | None = None) -> Head:
     if not rules:
         return Head((), None)
     return Head(_owning(heads), " + ".join(dict.fromkeys(rules)))
+
+
+def _transformers_head(pretrained: PreTrainedModel) -> tuple[list[nn.Module], list[str]]:
+    """The head of a transformers model by rule 4, and the rules that named it (none: no head found)."""
+    base = getattr(pretrained, "base_model", None)
+    if isinstance(base, nn.Module) and base is not pretrained:
+        return [child for child in pretrained.children() if child is not base], ["transformers base_model"]
+    # Its own base model: an encoder-decoder that holds its output projection (T5) or models holding theirs.
+    heads: list[nn.Module] = []
+    rules: list[str] = []
+    try:
+        output = pretrained.get_output_embeddings()
+    except (AttributeError, NotImplementedError, TypeError):  # models without output embeddings may raise
+        output = None
+    if isinstance(output, nn.Module) and output is not pretrained and _contains(pretrained, output):
+        heads.append(output)
+        rules.append("transformers get_output_embeddings()")
+    for inner in _outermost_pretrained(pretrained, below=True):
+        found, named_by = _transformers_head(inner)
+        heads += found
+        rules += named_by
+    return heads, rules
 
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:

@@ -55,8 +55,13 @@ TASKS: dict[str, _Task] = {
     "image-classification": _Task(
         "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", None, True
     ),
+    # PEFT wraps it plainly: PEFT 0.21's PeftModelForSeq2SeqLM reads a method transformers 5 no longer has
+    "seq2seq-lm": _Task("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", None, False),
 }
-"""`--task`: the heads a transformers model can be planned with."""
+"""`--task`: the heads a transformers model can be planned with (encoder-decoders: `seq2seq-lm`)."""
+
+COMPOSED_MODEL_TYPES = ("encoder-decoder", "vision-encoder-decoder", "speech-encoder-decoder")
+"""Model types whose config composes two others: planned from a directory holding their `config.json`."""
 
 
 @dataclass(frozen=True)
@@ -206,14 +211,21 @@ def _build_transformers(
     from transformers import AutoConfig
     from transformers.models.auto import modeling_auto
 
+    if source == "model_type" and name in COMPOSED_MODEL_TYPES:
+        raise ValueError(
+            f"model {name!r} is composed of an encoder and a decoder of other types, which a model type does not "
+            "say: plan a directory holding its config.json (EncoderDecoderConfig.from_encoder_decoder_configs(...)"
+            ".save_pretrained(directory))"
+        )
     default = AutoConfig.from_pretrained(name) if source == "directory" else AutoConfig.for_model(name)
     model_type = default.model_type
-    if getattr(default, "is_encoder_decoder", False):
+    encoder_decoder = bool(getattr(default, "is_encoder_decoder", False))
+    if encoder_decoder and task not in (None, "seq2seq-lm"):
         raise ValueError(
-            f"model {name!r} is an encoder-decoder ({model_type}); plan takes encoder or decoder models (a training "
-            "step of an encoder-decoder needs decoder inputs it does not build)"
+            f"task {task!r}: model {name!r} is an encoder-decoder ({model_type}), planned as seq2seq-lm only (a "
+            "training step of its other heads needs inputs plan does not build)"
         )
-    task = _default_task(model_type) if task is None else task
+    task = ("seq2seq-lm" if encoder_decoder else _default_task(model_type)) if task is None else task
     spec = TASKS[task]
     if model_type not in getattr(modeling_auto, spec.mapping):
         heads = [t for t, s in TASKS.items() if model_type in getattr(modeling_auto, s.mapping)]
@@ -244,12 +256,17 @@ def _build_transformers(
         if isinstance(limit, int) and seq_len > limit:
             raise ValueError(f"seq_len must be at most {model_type}'s max_position_embeddings={limit}, got {seq_len}")
         shape, inputs = (batch_size, seq_len), f"on {batch_size} × {seq_len} tokens"
+    # eager attention for encoder-decoders: the sdpa mask BART's decoder builds reads tensor values, which the meta
+    # device has not (the FLOPs are the same matrix products)
+    attention = {"attn_implementation": "eager"} if task == "seq2seq-lm" else {}
     with torch.device("meta"):
-        model = getattr(transformers, spec.auto_class).from_config(config)
+        model = getattr(transformers, spec.auto_class).from_config(config, **attention)
         if spec.images:
             kwargs = {"pixel_values": torch.empty(shape)}
         else:
             kwargs = {"input_ids": torch.zeros(shape, dtype=torch.long)}
+        if task == "seq2seq-lm":  # teacher forcing: decoder inputs as long as the encoder's
+            kwargs["decoder_input_ids"] = torch.zeros(shape, dtype=torch.long)
     origin = f"AutoConfig.from_pretrained({name!r})" if source == "directory" else f"AutoConfig.for_model({name!r})"
     shown = f" with config overrides {config_overrides}" if config_overrides else ""
     built = f"transformers {type(model).__name__} ({task}) from {origin}{shown}"
@@ -308,7 +325,8 @@ def build_plan_model(
             transformers `config.json`; see `model_source`.
         task (`str`, *optional*):
             Transformers only: the head, one of `TASKS`. Defaults to `"causal-lm"` for decoders,
-            `"sequence-classification"` for encoders, `"image-classification"` for vision models.
+            `"sequence-classification"` for encoders, `"image-classification"` for vision models, `"seq2seq-lm"`
+            (the only one) for encoder-decoders (T5, BART; an `EncoderDecoderModel` from a directory).
         input_size (`int`, *optional*):
             Vision models: the image side in pixels. Defaults to 224 for timm, to the config's `image_size` otherwise.
         seq_len (`int`, *optional*):

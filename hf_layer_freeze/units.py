@@ -193,9 +193,9 @@ def freezable_units(
     freeze or to give back, so they are in no unit. A PEFT tuner layer (a LoRA layer: its adapters' A and B
     matrices, and more) is one unit. The head is excluded (see `heads.find_head`: the `head` names, the model PEFT
     wraps, timm's `get_classifier()`, everything outside a transformers model's `base_model`, what lies outside a
-    backbone in a user's module); when no rule names it, the last unit stands in for it, with a warning naming it. A
-    parameter shared by several modules belongs to the first unit that owns it, or to the head if the head holds it
-    (a causal LM's input embedding tied to its `lm_head` is never frozen).
+    backbone in a user's module); when no rule names it, the last module owning trainable parameters stands in for it,
+    with a warning naming it. A parameter shared by several modules belongs to the first unit that owns it, or to the
+    head if the head holds it (an input embedding tied to the output projection, `lm_head`, is never frozen).
 
     With `granularity="block"`, a unit is instead one block as the model itself names them, so no block is ever half
     frozen: for timm models, one group of `group_matcher()` (the stem, each block or stage, as
@@ -238,13 +238,35 @@ def freezable_units(
     trainable = {id(p) for p in model.parameters() if p.requires_grad} | {id(p) for p in held}
     if granularity == "block":
         return _block_units(model, found, trainable)
-    units = _walk_units(model, _tuner_layer_ids(model), found, trainable)
-    if found.rule is None and units:
-        last = units.pop()  # no rule names a head: the last unit stands in for it
+    groups = _tuner_layer_ids(model)
+    if found.rule is None:
+        last = _last_owner(model, groups, trainable)
+        if last is None:
+            return []
+        # no rule names a head: the last module owning trainable parameters stands in for it, with the parameters
+        # it shares (an output projection tied to the input embedding stays out of the embedding's unit)
+        name, module = last
+        found = Head((module,), None)
         warnings.warn(
             f"No rule names the head of {type(model).__name__} (no head option, timm get_classifier(), transformers "
-            f"base_model or backbone inside it), so its last trainable unit, {last.name or '<root>'!r}, is taken as "
-            "the head and never frozen. Name the head with head=[...] to choose.",
+            f"base_model or get_output_embeddings(), backbone inside it), so its last module owning trainable "
+            f"parameters, {name or '<root>'!r}, is taken as the head and never frozen. Name the head with "
+            "head=[...] to choose.",
             stacklevel=2,
         )
-    return units
+    return _walk_units(model, groups, found, trainable)
+
+
+def _last_owner(model: nn.Module, group_ids: set[int], trainable: set[int]) -> tuple[str, nn.Module] | None:
+    """The last module in pre-order directly owning a trainable parameter, shared ones included (a group, such as
+    a PEFT tuner layer, for the modules inside it), with its name; `None` when nothing trains."""
+    last = None
+    group: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if group is not None and not name.startswith(f"{group[0]}."):
+            group = None
+        if group is None and id(module) in group_ids:
+            group = (name, module)
+        if any(id(p) in trainable for p in module.parameters(recurse=False)):
+            last = group or (name, module)
+    return last

@@ -106,3 +106,48 @@ def test_a_hand_frozen_embedding_does_not_stop_reentrant_checkpoints_from_the_fi
     assert not missing, f"{len(missing)} of {len(got)} trainable tensors got no gradient: {missing[:4]}"
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _UserCheckpointedMLP(torch.nn.Module):
+    """A user's model checkpointing its own blocks in its forward, with torch's checkpoint directly."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.use_reentrant = use_reentrant
+        self.stem = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(4)
+        )
+        self.classifier = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return self.classifier(x)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_users_own_checkpoint_trains_every_unfrozen_tensor_or_reentrant_fails_at_once_naming_the_fix(use_reentrant):
+    model = _UserCheckpointedMLP(use_reentrant)
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), head=["classifier"])
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        if step == 1:
+            freezer.freeze_units(1)  # the stem: the first checkpoint's input requires no gradient any more
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x, y = torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+        if use_reentrant and step >= 1:
+            with pytest.raises(NotImplementedError, match=r"'blocks\.0\.0'.*use_reentrant=True.*use_reentrant=False"):
+                model(x)
+            assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+            return
+        freezer.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        freezer.optimizer.step()
+        for name, param in model.named_parameters():
+            frozen = step >= 1 and name.startswith("stem.")
+            assert torch.equal(before[name], param) == frozen, f"step {step}: {name}"
+    freezer.close()
+    assert not model.blocks[0][0]._forward_pre_hooks and not model._forward_hooks, "no hook left behind"

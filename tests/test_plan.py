@@ -252,8 +252,10 @@ def test_forward_flops_of_a_transformers_model_are_attributed_once():
          ["task applies to transformers models; 'resnet18' is a timm model"]),
         (["--model", "llama", "--steps", "10", "--freeze-every", "epoch"],
          ["--freeze-every epoch needs --epochs: a plan in steps freezes at each step"]),
-        (["--model", "t5", "--steps", "10"], ["model 't5' is an encoder-decoder (t5); plan takes encoder or decoder"]),
-        (["--model", "bart", "--steps", "10"], ["is an encoder-decoder (bart)"]),
+        (["--model", "t5", "--steps", "10", "--task", "sequence-classification"],
+         ["task 'sequence-classification': model 't5' is an encoder-decoder (t5), planned as seq2seq-lm only"]),
+        (["--model", "encoder-decoder", "--steps", "10"],
+         ["model 'encoder-decoder' is composed of an encoder and a decoder", "plan a directory holding its config"]),
     ],
 )  # fmt: skip
 def test_plan_command_refuses_in_one_line(arguments, fragments, capsys):
@@ -271,3 +273,33 @@ def test_lora_without_peft_says_how_to_install_it(monkeypatch, capsys):
         main(["plan", "--model", "llama", *arguments])
     assert exit_info.value.code == 2
     assert "error: lora_r > 0 (--lora-r) needs PEFT: pip install peft" in capsys.readouterr().err
+
+
+SEQ2SEQ_OVERRIDES = {
+    "t5": "num_layers=2,num_decoder_layers=2,d_model=32,d_ff=64,num_heads=2,d_kv=16,vocab_size=128",
+    "bart": "encoder_layers=1,decoder_layers=1,d_model=32,encoder_ffn_dim=64,decoder_ffn_dim=64,vocab_size=128,"
+    "encoder_attention_heads=2,decoder_attention_heads=2",
+}
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_an_encoder_decoder_is_planned_with_the_freezers_units_and_head(model_type):
+    import warnings
+
+    import torch
+
+    from hf_layer_freeze import LayerFreezer, find_head
+
+    plan_model = build_plan_model(model_type, config_overrides=SEQ2SEQ_OVERRIDES[model_type], seq_len=8)
+    model = plan_model.model
+    assert "decoder_input_ids" in plan_model.kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a head found by rule, not guessed
+        freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    head = find_head(model)
+    assert head.rule is not None and id(model.get_output_embeddings().weight) in head.parameter_ids
+    rows, saved = freeze_plan(
+        model_type, steps=4, freeze_start=0.0, config_overrides=SEQ2SEQ_OVERRIDES[model_type], seq_len=8
+    )
+    assert {row.num_units for row in rows} == {freezer.num_units}
+    assert rows[-1].frozen_units > 0 and rows[-1].step_speedup > 1 and saved > 0

@@ -63,7 +63,9 @@ def test_head_is_found_inside_transformers_timm_wrapper():
 def test_plain_module_excludes_its_last_unit_and_says_so_by_name():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(1, 3, 8, 8))
-    with pytest.warns(UserWarning, match="No rule names the head of Sequential.*its last trainable unit, '4'"):
+    with pytest.warns(
+        UserWarning, match="No rule names the head of Sequential.*its last module owning trainable parameters, '4'"
+    ):
         names = [unit.name for unit in freezable_units(model)]
     assert names == ["0", "1"]
 
