@@ -53,6 +53,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     bitwise equal to an uninterrupted one. Under DDP the wrapper is found during the first training forward and
     its gradient buckets are rebuilt after each freeze, so frozen parameters are not all-reduced.
 
+    A freeze holds: what the callback froze and other code made trainable again (PEFT's `disable_adapter()`, which
+    TRL's `DPOTrainer` enters at every step with a PEFT model and `ref_model=None`) is frozen again before each step
+    and each forward, with a warning the first time (`LayerFreezer.refreeze`).
+
     The metrics `layer_freeze/fraction`, `layer_freeze/frozen_units` and `layer_freeze/frozen_params` join every
     training log of the Trainer (so TensorBoard, W&B, ... show them). A freeze at an epoch end is logged at its own
     step; freezing by step adds at most one log per `logging_steps` window, so the logs are not flooded.
@@ -83,7 +87,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         keep_frozen (`bool`, *optional*, defaults to `False`):
             At the end of training the model is given back as it was given: frozen parameters require gradients
             again and are back in the optimizer (`LayerFreezer.unfreeze`), exactly those the callback froze, so a
-            second `trainer.train()` trains what the first one was given. `True` leaves them frozen.
+            second `trainer.train()` trains what the first one was given. `True` leaves them frozen (and the user's:
+            a later freezer treats them as frozen by hand). The model is given back on every exit path: when
+            `trainer.train()` raises (an interrupt, an error; the callback wraps the Trainer's `train` for this,
+            since no `on_train_end` comes), and before an attempt that `auto_find_batch_size` retries.
 
     Example:
 
