@@ -27,6 +27,21 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
 
 MAX_STEPS = 6
+# What the SFT and DPO runs share: short, and no weight decay, so a tensor changes only through its gradient
+# ("changed" means "trained").
+RUN = dict(
+    max_steps=MAX_STEPS,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    weight_decay=0.0,
+    use_cpu=True,
+    report_to=[],
+    logging_steps=1,
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+    max_length=32,
+)
 
 
 def _sentences(count: int = 48) -> list[str]:
@@ -85,17 +100,7 @@ def test_sft_trainer_freezes_on_schedule_and_trains_every_unfrozen_tensor(tmp_pa
     model = _model(len(tokenizer))
     args = SFTConfig(
         output_dir=str(tmp_path),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.0,  # a tensor changes only through its gradient: "changed" means "trained"
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        max_length=32,
+        **RUN,
         activation_checkpointing_kwargs=None if use_reentrant is None else {"use_reentrant": use_reentrant},
     )
     assert args.gradient_checkpointing  # TRL's default, kept
@@ -177,17 +182,7 @@ def test_dpo_with_lora_and_no_ref_model_trains_exactly_the_unfrozen_adapters(tmp
     ]
     args = DPOConfig(
         output_dir=str(tmp_path),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        max_length=32,
+        **RUN,
         gradient_checkpointing=checkpointing,
     )
     callback = LayerFreezingCallback(freeze_start=0.0, freeze_every="step")
