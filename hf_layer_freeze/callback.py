@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -69,7 +70,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         freeze_every (`str`, *optional*, defaults to `"auto"`):
             `"epoch"` to freeze at the end of each epoch (exactly the method card's), `"step"` to freeze as soon as
             the count of units grows, `"auto"`: `"epoch"` when at least 4 epoch ends fall after `freeze_start` and
-            before the end of the run (`schedule.resolve_freeze_every`), `"step"` otherwise.
+            before the end of the run (`schedule.resolve_freeze_every`), `"step"` otherwise, and `"step"` when the
+            Trainer does not know an epoch's length (a streaming `IterableDataset` trained for `max_steps`).
         order, granularity, budget, freeze_batchnorm, max_freeze_events:
             As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
             "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
@@ -217,13 +219,13 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self.freezer = LayerFreezer(model, optimizer, **options)
         logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
         self._report_replaced_callbacks(handler)
-        self._freezing_by = resolve_freeze_every(self.freeze_every, state.num_train_epochs, self.freeze_start)
+        self._freezing_by = resolve_freeze_every(self.freeze_every, _planned_epochs(state), self.freeze_start)
         self._last_forced_log = None
         if self.freeze_every == "auto" and self.options.schedule == "linear":
             logger.info(
-                "freeze_every='auto': freezing by %s (%d epoch(s) of %d steps).",
+                "freeze_every='auto': freezing by %s (%s epoch(s) of %d steps).",
                 self._freezing_by,
-                state.num_train_epochs,
+                _planned_epochs(state) or "an unknown number of",
                 state.max_steps,
             )
         self._warn_if_epochs_are_too_coarse(state)
@@ -338,9 +340,19 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     def _warn_if_epochs_are_too_coarse(self, state: TrainerState) -> None:
         """With `freeze_every="epoch"` asked for, a run of few epochs freezes at few epoch ends, or at none (a
         `max_steps` shorter than an epoch): say so before training, with the next step. ("auto" chose for itself.)"""
-        epochs = state.num_train_epochs
+        epochs = _planned_epochs(state)
         adaptive = self.options.schedule == "adaptive"
-        if adaptive or self.freeze_every != "epoch" or not epochs or self.options.freeze_level == 0:
+        if adaptive or self.freeze_every != "epoch" or self.options.freeze_level == 0:
+            return
+        if epochs is None:
+            warnings.warn(
+                "LayerFreezingCallback(freeze_every='epoch'): the Trainer does not know how long an epoch is (the "
+                f"training dataset has no __len__, e.g. a streaming IterableDataset, trained for max_steps="
+                f"{state.max_steps}), so it freezes only where a pass over the data ends, and a stream that lasts "
+                "the whole run freezes nothing. Use freeze_every='step' (or 'auto', which chooses it here) to follow "
+                "the schedule by step.",
+                stacklevel=2,
+            )
             return
         ends = freezing_epoch_ends(epochs, self.options.freeze_start)
         if ends < 2:
@@ -452,6 +464,19 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             # A new list: the handler is iterating over the old one right now.
             handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
         return handler
+
+
+def _planned_epochs(state: TrainerState) -> int | None:
+    """
+    The run's length in epochs, or `None` when the Trainer does not know it: for a training dataloader without a
+    length (a streaming `IterableDataset`) trained for `max_steps`, the Trainer sets `num_train_epochs` to
+    `sys.maxsize` and repeats the data until `max_steps` (`Trainer.set_initial_training_values`), so that count is
+    no plan to freeze by.
+    """
+    epochs = state.num_train_epochs
+    if not epochs or epochs >= sys.maxsize:
+        return None
+    return epochs
 
 
 def _format_options(options: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from numbers import Real
 
 __all__ = [
@@ -240,26 +241,47 @@ MIN_EPOCH_FREEZES = 4
 def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
     """
     How many epoch ends fall strictly inside the freezing part of a run of `num_epochs` epochs: after `freeze_start`
-    and before the end (a freeze after the last step saves nothing and is not made).
+    and before the end (a freeze after the last step saves nothing and is not made). The epochs `e` in
+    `[1, int(num_epochs))` whose progress `e / num_epochs` (the float the schedule compares) is above
+    `freeze_start`, counted in closed form: instant for any count (the Trainer's `sys.maxsize` epochs of a dataset
+    without a length included).
 
     Example:
 
     ```python
+    >>> import sys
     >>> from hf_layer_freeze.schedule import freezing_epoch_ends
     >>> freezing_epoch_ends(10, 0.5), freezing_epoch_ends(3, 0.5), freezing_epoch_ends(2, 0.5)
     (4, 1, 0)
+    >>> freezing_epoch_ends(10, 0.6)  # 6 / 10 == 0.6 is not after freeze_start: epochs 7, 8 and 9
+    3
+    >>> freezing_epoch_ends(sys.maxsize, 0.5) > 4
+    True
 
     ```
     """
-    return sum(1 for epoch in range(1, int(num_epochs)) if epoch / num_epochs > freeze_start)
+    if not _is_number(num_epochs) or not 0 <= num_epochs < math.inf:
+        raise ValueError(f"num_epochs must be a finite number >= 0, got {num_epochs!r}")
+    freeze_start = validate_freeze_start(freeze_start)
+    last = int(num_epochs) - 1  # the last epoch end before the end of the run
+    if last < 1:
+        return 0
+    # `e / num_epochs > freeze_start` holds exactly when the exact quotient rounds above `freeze_start`: above the
+    # midpoint between `freeze_start` and the next float (a quotient at the midpoint itself rounds to even, checked).
+    midpoint = (Fraction(freeze_start) + Fraction(math.nextafter(freeze_start, math.inf))) / 2
+    first = max(1, math.ceil(midpoint * Fraction(num_epochs)))
+    if not first / num_epochs > freeze_start:
+        first += 1
+    return max(0, last - first + 1)
 
 
 def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_start: float) -> str:
     """
     `"epoch"` or `"step"`: what `freeze_every="auto"` means for a run of `num_epochs` epochs. By epoch (the method
     card's rule) when at least `MIN_EPOCH_FREEZES` epoch ends fall inside the freezing part of the run, by step
-    otherwise: fine-tuning runs of 1 to 3 epochs follow the schedule within their epochs. `"epoch"` and `"step"` are
-    returned as given.
+    otherwise: fine-tuning runs of 1 to 3 epochs follow the schedule within their epochs. `num_epochs=None` (a run
+    whose epoch length is unknown, such as a streaming dataset trained for `max_steps`) is by step. `"epoch"` and
+    `"step"` are returned as given.
 
     Example:
 
@@ -267,9 +289,10 @@ def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_sta
     >>> from hf_layer_freeze.schedule import resolve_freeze_every
     >>> [resolve_freeze_every("auto", 10, 0.5), resolve_freeze_every("auto", 3, 0.5)]
     ['epoch', 'step']
+    >>> resolve_freeze_every("auto", None, 0.5)
+    'step'
     >>> resolve_freeze_every("epoch", 3, 0.5)
     'epoch'
-
 
     ```
     """

@@ -24,6 +24,9 @@ TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_he
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
            intermediate_size=64, num_labels=3)  # fmt: skip
 N, BATCH = 24, 8  # three batches an epoch, every batch the same shape
+# With freeze_at {3: 2, 6: 3, 8: 4}: the first step whose batch mixes examples cached at two cuts (epoch 4)
+MIXED_CUTS_FROM = 10
+ROUNDING = 1e-4  # a few steps on from float32 rounding differences in a sub-batch's activations
 
 
 def _llama():
@@ -139,10 +142,20 @@ def test_a_cached_run_trains_exactly_like_an_uncached_run_with_its_prefix_in_eva
     cache = freezer.activation_cache
     assert cache.cut >= 1 and cache.bytes > 0
     assert cache.hits > 0  # batches were served from the cache, some from an older cut
-    assert [loss.item() for loss in losses] == [loss.item() for loss in expected_losses]  # bitwise
-    for step, (got, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+    # Through step 9 every batch's examples were cached at one cut: each block ran on whole batches of the shapes the
+    # uncached run used, so bitwise equality is forced. From step 10 (epoch 4, after the mid-epoch freeze at 8) a
+    # batch mixes cuts and a block runs on a sub-batch, a shape whose rounding is the CPU's kernels' business: equal
+    # to rounding, as the module says (bitwise on some CPUs, not on all).
+    mixed = MIXED_CUTS_FROM
+    assert [loss.item() for loss in losses[: mixed - 1]] == [loss.item() for loss in expected_losses[: mixed - 1]]
+    for step, (got, expected) in enumerate(zip(grads, expected_grads, strict=True), start=1):
         assert len(got) == len(expected)
-        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), f"step {step + 1}"
+        if step < mixed:
+            assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), f"step {step}"
+        else:
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=ROUNDING, atol=ROUNDING, msg=lambda m, step=step: f"{step}: {m}")
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected_losses), rtol=ROUNDING, atol=ROUNDING)
 
 
 def test_random_augmentation_never_hits_and_trains_exactly_like_the_uncached_run():
@@ -319,7 +332,9 @@ def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupte
         dataset = RandomTokenDataset(n=24, length=12, vocab=64, causal=True)
         return Trainer(model=_llama(), args=args, train_dataset=dataset, callbacks=[callback])
 
-    options = dict(freeze_start=0.0, freeze_level=0.8, freeze_every="step", granularity="block")
+    # freezing at epoch ends: every batch of an epoch is cached at one cut, no block runs on a sub-batch (whose
+    # rounding is the CPU's), and a run resumed mid-epoch with an empty cache computes what the full run served
+    options = dict(freeze_start=0.0, freeze_level=0.8, freeze_every="epoch", granularity="block")
     options["cache_activations"] = True
     full_callback = LayerFreezingCallback(**options)
     full = trainer(tmp_path / "full", 0, full_callback)

@@ -13,7 +13,12 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from helpers import RandomImages, tiny_timm
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, Trainer, TrainingArguments
 
-from hf_layer_freeze import FreezeOptions, LayerFreezer, LayerFreezingCallback
+from hf_layer_freeze import FreezeOptions, LayerFreezer, LayerFreezingCallback, num_units_to_freeze
+from hf_layer_freeze.schedule import bounded_unit_count
+
+# A change_threshold no relative change of a real run reaches: its gradient norms are positive and finite, so every
+# change is finite and the median positive, and every check after freeze_start freezes up to freeze_level, on any CPU.
+SETTLED = 1e30
 
 
 def _is_prefix(freezer: LayerFreezer) -> bool:
@@ -41,28 +46,44 @@ def test_constant_gradients_freeze_at_the_first_check_after_warm_up_up_to_the_le
     assert freezer.gradient_norms.last_changes and max(freezer.gradient_norms.last_changes) == 0.0
 
 
-def test_noisy_training_freezes_a_growing_prefix_within_the_event_bound():
+def _scripted_gradients(model: torch.nn.Module, units, interval: int) -> None:
+    """Gradients settled by construction: unit i's are `scale * ones`, the scale alternating between 1 and 2 from
+    one check interval to the next until interval `i // 5`, then constant. From check `i // 5 + 1` on, its interval
+    mean repeats bitwise (relative change exactly 0); before, it moves by 0.5 or 1.0, as every unit not yet settled
+    does at that check. With `change_threshold=0.5` the settled prefix is then forced on any CPU: 0 is within any
+    multiple of the median, 0.5 or 1.0 is more than half of a median that is 0, half of it, or itself."""
+    scales = {id(p): 1.0 + min(interval, i // 5) % 2 for i, unit in enumerate(units) for p in unit.parameters}
+    for param in model.parameters():
+        if param.requires_grad:  # the head (no unit) trains on a constant gradient
+            param.grad = torch.full_like(param, scales.get(id(param), 1.0))
+
+
+def test_a_settling_prefix_freezes_growing_within_the_event_bound_after_the_warm_up():
     set_seed(0)
     model = tiny_timm()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     freezer = LayerFreezer(
-        model, optimizer, freeze_start=0.1, schedule="adaptive", check_every=2, change_threshold=2.0,
+        model, optimizer, freeze_start=0.35, schedule="adaptive", check_every=2, change_threshold=0.5,
         max_freeze_events=3,
     )  # fmt: skip
-    data = RandomImages(64)
-    counts = []
-    for step in range(1, 61):
-        batch = [data[(4 * step + i) % len(data)] for i in range(4)]
-        x = torch.stack([b["pixel_values"] for b in batch])
-        y = torch.stack([b["labels"] for b in batch])
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+    units, steps = list(freezer.units), 20
+    counts, expected, count = [], [], 0
+    for step in range(1, steps + 1):
+        _scripted_gradients(model, units, interval=(step - 1) // 2)
         optimizer.step()
-        optimizer.zero_grad()
-        counts.append(freezer.update(step / 60).frozen_units)
+        model.zero_grad(set_to_none=True)
+        counts.append(freezer.update(step / steps).frozen_units)
         assert _is_prefix(freezer)
+        # ground truth by integer arithmetic: at check k (step 2k + 2) units i with i // 5 < k have settled
+        check = step // 2 - 1
+        if step % 2 == 0 and check >= 1 and step / steps > 0.35:
+            count = max(count, bounded_unit_count(min(len(units), 5 * check), len(units), 3))
+        expected.append(count)
+    assert counts == expected
     assert counts == sorted(counts)  # never unfreezes
-    assert counts[5] == 0  # warm-up: nothing before progress 0.1
+    assert counts[5] == 0  # warm-up: nothing before progress 0.35, though 10 units had settled by step 6
     assert set(counts) <= {0, 9, 18, 28} and len(set(counts)) >= 2  # the levels of 3 events, and some freezing
+    assert set(counts) == {0, 9, 18, 28}  # a growing prefix: every level reached, the last one at freeze_level 1.0
     assert all(p.requires_grad for p in model.get_classifier().parameters())
 
 
@@ -93,8 +114,9 @@ def _accelerate_setup(skip_batches: int = 0):
     loader = torch.utils.data.DataLoader(RandomImages(96), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     freezer = LayerFreezer(
-        model, optimizer, freeze_start=0.2, schedule="adaptive", check_every=3, change_threshold=2.0
-    )
+        model, optimizer, freeze_start=0.55, freeze_level=0.5, schedule="adaptive", check_every=3,
+        change_threshold=SETTLED,
+    )  # fmt: skip
     accelerator.register_for_checkpointing(freezer)
     if skip_batches:
         loader = accelerator.skip_first_batches(loader, skip_batches)
@@ -102,18 +124,24 @@ def _accelerate_setup(skip_batches: int = 0):
 
 
 def test_accelerate_resume_mid_interval_decides_and_ends_bitwise_as_the_uninterrupted_run(tmp_path):
+    """Checks every 3 steps; the first after freeze_start 0.55 is at 15 (12 / 24 <= 0.55 < 15 / 24): the resumed run
+    takes that decision itself, from the history saved at step 13 (check 12's means and step 13's sum). Forced on
+    any CPU: `change_threshold=SETTLED` freezes up to freeze_level 0.5 there, and half the units stay to track."""
     full = _accelerate_setup()
     expected = _accelerate_run(range(0, 24), full)
-    assert 0 < expected[-1] and len(set(expected)) >= 2, expected  # the run froze at several checks
+    level = num_units_to_freeze(0.5, full[-1].num_units)
+    assert expected == [0 if step < 15 else level for step in range(1, 25)]
+    assert 0 < expected[-1] and len(set(expected)) >= 2, expected  # the run froze, after the checkpoint
 
     first = _accelerate_setup()
     _accelerate_run(range(0, 13), first, save_at=13, path=tmp_path / "ckpt")  # 13: mid-interval (checks every 3)
-    assert first[-1].gradient_norms.steps == 1
+    assert first[-1].gradient_norms.steps == 1 and first[-1].gradient_norms.previous is not None
     resumed = _accelerate_setup(skip_batches=13)
     resumed[0].load_state(tmp_path / "ckpt")
     assert resumed[-1].gradient_norms.state_dict() == first[-1].gradient_norms.state_dict()
     history = _accelerate_run(range(13, 24), resumed)
     assert history == expected[13:]
+    assert full[-1].gradient_norms.state_dict() == resumed[-1].gradient_norms.state_dict()
     for a, b in zip(full[1].parameters(), resumed[1].parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -129,12 +157,15 @@ def _trainer(tmp_path, callback, **overrides):
 
 
 def test_trainer_logs_the_criterion_and_saves_its_history_in_the_checkpoint(tmp_path):
-    callback = LayerFreezingCallback(freeze_start=0.2, freeze_level=0.5, schedule="adaptive", check_every=2)
+    callback = LayerFreezingCallback(
+        freeze_start=0.2, freeze_level=0.5, schedule="adaptive", check_every=2, change_threshold=SETTLED
+    )
     trainer = _trainer(tmp_path, callback, save_strategy="steps", save_steps=7)
     trainer.train()
     logged = [log for log in trainer.state.log_history if "layer_freeze/grad_norm_change_median" in log]
     assert logged and all("layer_freeze/grad_norm_change_first_trainable" in log for log in logged)
     assert callback.frozen_units > 0
+    assert callback.frozen_units == num_units_to_freeze(0.5, callback.freezer.num_units)  # forced at the check at 4
     saved = json.loads((tmp_path / "checkpoint-7" / "trainer_state.json").read_text())
     attributes = saved["stateful_callbacks"]["LayerFreezingCallback"]["attributes"]
     assert attributes["saved_gradient_norms"]["steps"] == 1  # checks at 2, 4, 6: step 7 is mid-interval

@@ -151,9 +151,11 @@ RESUME_CASES = {
         10,
     ),
     # the adaptive schedule's gradient-norm history travels in trainer_state.json; 10 is mid-interval (checks every 3)
+    # and the resumed run decides at 12, the first check after freeze_start (9 / 14 <= 0.7 < 12 / 14), from check 9's
+    # means and step 10's sum; a change_threshold no change reaches forces that decision (freeze up to freeze_level)
     "adaptive-schedule": (
         dict(max_steps=14, save_strategy="steps", save_steps=5),
-        dict(freeze_start=0.2, freeze_level=0.5, schedule="adaptive", check_every=3),
+        dict(freeze_start=0.7, freeze_level=0.5, schedule="adaptive", check_every=3, change_threshold=1e30),
         10,
     ),
     "block-granularity-params-budget": (

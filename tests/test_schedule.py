@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import ast
+import bisect
 import math
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hf_layer_freeze import freeze_fraction, num_units_to_freeze
+from hf_layer_freeze.schedule import freezing_epoch_ends, resolve_freeze_every
 
 
 def test_zero_until_freeze_start_then_linear_to_freeze_level():
@@ -90,3 +93,33 @@ def test_schedule_module_does_not_import_torch():
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
     assert "torch" not in imported
+
+
+def _epoch_ends_by_search(num_epochs: int, freeze_start: float) -> int:
+    """Ground truth for any count: `e / num_epochs > freeze_start` grows with e, so bisect for its first epoch."""
+    epochs = range(1, num_epochs)
+    return len(epochs) - bisect.bisect_left(epochs, True, key=lambda e: e / num_epochs > freeze_start)
+
+
+@pytest.mark.timeout(30)  # the Trainer's sys.maxsize epochs of a streaming dataset: counted one by one, it never ends
+@pytest.mark.parametrize("num_epochs", [10**9 + 7, 2**53 + 1, sys.maxsize])
+@pytest.mark.parametrize("freeze_start", [0.0, 0.1, 0.3, 0.5, 0.6, 0.9, 1 / 3])
+def test_freezing_epoch_ends_counts_any_number_of_epochs_in_closed_form(num_epochs, freeze_start):
+    assert freezing_epoch_ends(num_epochs, freeze_start) == _epoch_ends_by_search(num_epochs, freeze_start)
+    assert resolve_freeze_every("auto", num_epochs, freeze_start) == "epoch"
+
+
+@given(
+    num_epochs=st.one_of(st.integers(0, 400), st.floats(0, 400, allow_nan=False)),
+    freeze_start=st.floats(0, 1, exclude_max=True),
+)
+def test_freezing_epoch_ends_is_the_count_of_epochs_whose_progress_is_past_freeze_start(num_epochs, freeze_start):
+    # the definition, epoch by epoch, with the float the schedule compares (6 / 10 is not past 0.6)
+    expected = sum(1 for epoch in range(1, int(num_epochs)) if epoch / num_epochs > freeze_start)
+    assert freezing_epoch_ends(num_epochs, freeze_start) == expected
+
+
+def test_auto_is_by_step_when_the_epoch_count_is_unknown():
+    assert resolve_freeze_every("auto", None, 0.5) == "step"
+    with pytest.raises(ValueError, match=r"num_epochs must be a finite number >= 0, got inf"):
+        freezing_epoch_ends(math.inf, 0.5)

@@ -91,10 +91,12 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
-    adaptive = dict(check_every=2) if args.schedule == "adaptive" else {}
+    # adaptive: a change_threshold no change reaches forces the decision on any CPU (freeze up to freeze_level at the
+    # first check after freeze_start), and freeze_level 0.5 leaves units to track and to compare between ranks
+    adaptive = dict(check_every=2, change_threshold=1e30) if args.schedule == "adaptive" else {}
     freezing = LayerFreezingCallback(
         freeze_start=0.2,
-        freeze_level=1.0,
+        freeze_level=0.5 if args.schedule == "adaptive" else 1.0,
         freeze_every=args.freeze_every,
         order=args.order,
         budget=args.budget,
