@@ -349,6 +349,8 @@ def test_a_second_freezer_owns_only_what_trains_when_it_is_built_and_gives_back_
     first = LayerFreezer(model, optimizer)
     first.freeze_units(5)
     frozen_by_first = [p for unit in first.units[:5] for p in unit.parameters]
+    first.close()  # as keep_frozen=True does at the end of training: what it froze is the user's now
+    # (a freezer still open holds what it froze for the library: tests/test_reentry.py)
     second = LayerFreezer(model, optimizer)
     # the first freezer's units are not the second's: its schedule and counts describe what trains now
     assert second.num_units == NUM_UNITS - 5 and second.frozen_units == 0 and second.result().frozen_params == 0
