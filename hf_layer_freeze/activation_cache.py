@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .batchnorm import keeps_eval_mode
 from .events import FreezeEvent
@@ -314,9 +315,25 @@ class ActivationCache:
         inputs after the cache keyed them), and the global ones."""
         found = foreign_global_forward_hooks()
         found += foreign_forward_hooks(m for top in prefix for m in top.modules())
+        found += self._changed_without_hooks(m for top in prefix for m in top.modules())
         found += foreign_forward_hooks(self.layout.above, pre_hooks_only=True)
         if self._handles:
             found += foreign_forward_hooks([self.model], pre_hooks_only=True, after=self._handles[0].id)
+        return found
+
+    def _changed_without_hooks(self, modules: Any) -> list[ForeignHook]:
+        """What changes a prefix module's output without a torch hook, which a hit would skip just the same: a
+        `forward` replaced on the instance (Accelerate's `add_hook_to_module`, a monkey-patch; the cache's own
+        wrappers excepted) and a parametrization (`torch.nn.utils.parametrize`)."""
+        ours = {id(wrapper) for _, wrapper in self._wrapped}
+        found = []
+        for module in modules:
+            forward = vars(module).get("forward")
+            if forward is not None and id(forward) not in ours:
+                name = getattr(forward, "__qualname__", type(forward).__name__)
+                found.append(ForeignHook(module, "replaced forward", name, neftune=False))
+            if parametrize.is_parametrized(module):
+                found.append(ForeignHook(module, "parametrization", type(module).__name__, neftune=False))
         return found
 
     def _describe(self, hooks: list[ForeignHook]) -> str:

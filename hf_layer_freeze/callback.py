@@ -17,10 +17,13 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .compiled import resolve_max_freeze_events
 from .freezer import LayerFreezer
+from .heads import peft_base_model
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
+from .record import ledger_for
 from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, validate_choice
 from .trainer_internals import calling_callback_handler as _calling_callback_handler
 from .trainer_internals import calling_trainer, on_train_exception
+from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +214,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             self.freezer.unfreeze()
             self.freezer.close()
         self._frozen_at_end = None
+        if state.global_step > 0:  # a resume starts from its checkpoint's freeze, not from what a run kept frozen
+            kept = ledger_for(peft_base_model(unwrap_model(model))).give_back_kept()
+            if kept:
+                logger.warning(
+                    "LayerFreezingCallback: resuming from a checkpoint; gave back the %d parameter tensors an earlier "
+                    "run in this process left frozen (keep_frozen=True), so the checkpoint's freeze is applied to the "
+                    "model as it was given.",
+                    len(kept),
+                )
         options = self.options.to_dict()
         if args.torch_compile:  # the Trainer compiles the model after handing it to callbacks: bound the recompiles
             options["max_freeze_events"] = resolve_max_freeze_events(
@@ -232,7 +244,14 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         if state.global_step > 0:
             self._warn_if_options_changed_since_checkpoint(state)
-        self.freezer.freeze_units(self._units_at_resume(state))
+        at_resume = self._units_at_resume(state)
+        if at_resume > self.freezer.num_units:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint froze {at_resume} units, but this model has "
+                f"{self.freezer.num_units} freezable units now (parameters frozen since, outside "
+                "LayerFreezingCallback, are not its units): resume on the model as it was given when that run began"
+            )
+        self.freezer.freeze_units(at_resume)
         if self.freezer.gradient_norms is not None and state.global_step > 0:
             saved = self._saved_attribute(state, "saved_gradient_norms")
             if saved is not None:  # the adaptive schedule's history: the next check compares as it would have
@@ -244,9 +263,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._end("Training ended")
 
     def _end_after_exception(self, exception: BaseException) -> None:
-        self._end(f"trainer.train() raised {type(exception).__name__}")
+        # training did not end: whatever keep_frozen says, the model is given back as it was given (a resume in
+        # this process then starts from its checkpoint's freeze, exactly as on a fresh model)
+        self._end(f"trainer.train() raised {type(exception).__name__}", give_back=True)
 
-    def _end(self, how: str) -> None:
+    def _end(self, how: str, give_back: bool = False) -> None:
         """Record what training ended with, give the model back (unless `keep_frozen`), release every hook."""
         if self.freezer is None or self.freezer.closed:
             return
@@ -254,11 +275,10 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         self._result_at_end = self.freezer.result()  # what training ended with, before the hand-back
         for given in self._replaced:
             given._frozen_at_end, given._result_at_end = self._frozen_at_end, self._result_at_end
-        if not self.keep_frozen:
+        if give_back or not self.keep_frozen:
             self.freezer.unfreeze()
             logger.info(
-                "%s with %d units frozen; gave them back (keep_frozen=False). Parameters frozen before training stay "
-                "frozen.",
+                "%s with %d units frozen; gave them back. Parameters frozen before training stay frozen.",
                 how,
                 self._frozen_at_end,
             )

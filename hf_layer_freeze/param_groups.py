@@ -110,7 +110,9 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
             kind = f"LOMO optimizers (optim='lomo' / 'adalomo', here lomo_optim's {type(inner).__name__})"
         elif (cls.__module__, cls.__name__) in _OWN_PARAMETER_LISTS:
             raise NotImplementedError(
-                f"Layer freezing does not support {cls.__module__}.{cls.__name__}: it keeps its own list of "
+                f"Layer freezing does not support {type(inner).__name__}"
+                + ("" if cls is type(inner) else f" (a {cls.__module__}.{cls.__name__})")
+                + ": it keeps its own list of "
                 f"parameters ({_OWN_PARAMETER_LISTS[cls.__module__, cls.__name__]}), taken when it was built, "
                 "outside its param_groups, where freezing takes parameters out, so frozen parameters would keep "
                 "being updated. Use an optimizer that steps through its param_groups (torch.optim.AdamW, SGD, "

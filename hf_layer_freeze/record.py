@@ -43,8 +43,13 @@ class FreezeLedger:
     def __init__(self) -> None:
         # id(param) -> (param, the records holding it)
         self._held: dict[int, tuple[nn.Parameter, weakref.WeakSet[FrozenRecord]]] = {}
-        # each open record's param-group bookkeeping (`param_groups._FrozenParamGroups`), one per optimizer
-        self._groups: weakref.WeakKeyDictionary[FrozenRecord, list[Any]] = weakref.WeakKeyDictionary()
+        # the param-group bookkeeping (`param_groups._FrozenParamGroups`, one per optimizer) of every optimizer a
+        # freezer of this model was given, held weakly: it lives as long as its optimizer. Closed freezers' stay:
+        # what another freezer freezes or gives back later leaves or rejoins their optimizers too.
+        self._groups: dict[int, weakref.ref[Any]] = {}
+        # what closed records left frozen (`keep_frozen=True`): the user's from then on, but known to be the
+        # library's doing, so that a resume can start from the checkpoint's freeze (`give_back_kept`)
+        self._kept: dict[int, nn.Parameter] = {}
 
     def _live(self) -> dict[int, tuple[nn.Parameter, weakref.WeakSet[FrozenRecord]]]:
         """The held entries, after dropping those whose every holder was closed or garbage-collected."""
@@ -62,7 +67,8 @@ class FreezeLedger:
 
     def register(self, record: FrozenRecord, param_groups: Sequence[Any]) -> None:
         """Register the param-group bookkeeping of `record`'s optimizers: what is held frozen leaves them now."""
-        self._groups[record] = list(param_groups)
+        for groups in param_groups:
+            self._groups[id(groups)] = weakref.ref(groups)
         held = self.held_parameters()
         for groups in param_groups:
             groups.remove(held)
@@ -72,16 +78,15 @@ class FreezeLedger:
         return set().union(*(groups.parameter_ids for groups in self._all_groups()))
 
     def _all_groups(self) -> list[Any]:
-        unique: dict[int, Any] = {}
-        for groups_list in list(self._groups.values()):
-            for groups in groups_list:
-                unique.setdefault(id(groups), groups)
-        return list(unique.values())
+        alive = {key: ref() for key, ref in self._groups.items()}
+        self._groups = {key: self._groups[key] for key, groups in alive.items() if groups is not None}
+        return [groups for groups in alive.values() if groups is not None]
 
     def hold(self, record: FrozenRecord, params: Sequence[nn.Parameter]) -> None:
         """`record` holds `params` frozen: those not held yet are frozen and leave every registered optimizer."""
         newly = [p for p in params if id(p) not in self._live()]
         for param in params:
+            self._kept.pop(id(param), None)
             entry = self._held.get(id(param))
             if entry is None:
                 entry = self._held[id(param)] = (param, weakref.WeakSet())
@@ -110,11 +115,23 @@ class FreezeLedger:
 
     def forget(self, record: FrozenRecord) -> None:
         """`record` is closed: what it holds stays as it is (frozen, unless another record gives it back), the user's
-        from now on."""
-        for _, holders in self._held.values():
+        from now on (`kept`)."""
+        for param, holders in self._held.values():
             holders.discard(record)
-        self._groups.pop(record, None)
+            if not holders and not param.requires_grad:
+                self._kept[id(param)] = param
         self._live()
+
+    def give_back_kept(self) -> list[nn.Parameter]:
+        """Make what closed records left frozen train again, back in every registered optimizer (a resume starts from
+        its checkpoint's freeze, not from what an earlier run kept frozen); return those parameters."""
+        kept = [p for p in self._kept.values() if not p.requires_grad and id(p) not in self._live()]
+        self._kept.clear()
+        for param in kept:
+            param.requires_grad_(True)
+        for groups in self._all_groups():
+            groups.restore(kept)
+        return kept
 
     def refreeze(self) -> list[nn.Parameter]:
         """Freeze again every held parameter that other code made trainable; return them."""

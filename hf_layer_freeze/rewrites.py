@@ -12,12 +12,18 @@ if not (saying so once, by name):
 - before each forward of the model (so no gradient reaches a frozen tensor, whoever rewrote it);
 - when backward reaches the model's outputs, before any of the model's own backward runs (so a checkpointed layer is
   recomputed with the flags its forward saw, whatever ran between the forward and the backward).
-Both checks are skipped while torch.compile traces the model; the Trainer callback also checks at each step's start.
+- right after PEFT re-enables adapters (`enable_adapter_layers()`, `set_adapter()` of a `PeftModel`'s tuner, which
+  `disable_adapter()` calls on exit), so a forward through an inner module of the model (a head of one's own on
+  `get_base_model().model`) cannot meet the rewrite either.
+The checks around forwards are skipped while torch.compile traces the model; the Trainer callback also checks at each
+step's start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +52,21 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
 
 
+# The methods of a PEFT tuner (`BaseTuner`) that set `requires_grad=True` on adapters.
+_PEFT_REWRITERS = ("enable_adapter_layers", "set_adapter")
+
+
+def _peft_tuner(model: nn.Module) -> nn.Module | None:
+    """The PEFT tuner (a `LoraModel`, ...) of a `PeftModel`, or `model` itself if it is one, else `None`."""
+    peft = sys.modules.get("peft")  # no PEFT imported: no PEFT model can exist
+    if peft is None:
+        return None
+    from peft.tuners.tuners_utils import BaseTuner
+
+    tuner = model.base_model if isinstance(model, peft.PeftModel) else model
+    return tuner if isinstance(tuner, BaseTuner) else None
+
+
 class RequiresGradGuard:
     """
     A freeze listener that keeps frozen what the freezer holds frozen (see the module docstring).
@@ -67,6 +88,22 @@ class RequiresGradGuard:
             bare.register_forward_pre_hook(self._before_forward),
             bare.register_forward_hook(self._after_forward),
         ]
+        self._tuner = _peft_tuner(bare)
+        self._wrapped: list[str] = []
+        for name in _PEFT_REWRITERS if self._tuner is not None else ():
+            method = getattr(self._tuner, name, None)
+            if callable(method) and name not in vars(self._tuner):  # on the class: an instance attribute undoes it
+                setattr(self._tuner, name, self._checking_after(method))
+                self._wrapped.append(name)
+
+    def _checking_after(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def then_check(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            self.check()
+            return result
+
+        return then_check
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Check from the first freeze on (nothing to keep frozen before it)."""
@@ -113,8 +150,11 @@ class RequiresGradGuard:
                 tensor.register_hook(check_once)
 
     def close(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks, and give PEFT's tuner its own methods back."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for name in self._wrapped:
+            vars(self._tuner).pop(name, None)  # the class's method again
+        self._wrapped = []
         self._active = False

@@ -321,6 +321,63 @@ def test_a_foreign_hook_on_the_prefix_keeps_its_effect_steps_are_computed_while_
     assert "global forward hook" in hook_warnings[0] and ".count" in hook_warnings[0]
 
 
+@pytest.mark.parametrize("change", ["accelerate-hook", "patched-forward", "parametrization"])
+def test_a_prefix_module_changed_without_a_torch_hook_keeps_its_effect(change):
+    """Accelerate's `add_hook_to_module`, a forward patched on the instance and a parametrization change a frozen
+    block's output without a torch hook: while they are there every step is computed, exactly as uncached."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from torch.nn.utils import parametrize
+
+    def run(model, cache: bool):
+        mlp = model.model.layers[0].mlp
+        calls = [0]
+
+        def offset(output):
+            calls[0] += 1
+            return output + 1e-3 * calls[0]
+
+        class Offset(ModelHook):
+            def post_forward(self, module, output):
+                return offset(output)
+
+        class Scale(torch.nn.Module):
+            def forward(self, weight):
+                calls[0] += 1
+                return weight * 1.01
+
+        original = mlp.forward
+
+        def after_step(step, freezer):
+            if step == 7 and change == "accelerate-hook":
+                add_hook_to_module(mlp, Offset())
+            elif step == 7 and change == "patched-forward":
+                mlp.forward = lambda *args, **kwargs: offset(original(*args, **kwargs))
+            elif step == 7:
+                parametrize.register_parametrization(mlp.down_proj, "weight", Scale())
+
+        try:
+            losses, grads, _ = _train(model, _data("causal"), {3: 2}, cache=cache, after_step=after_step)
+        finally:
+            if change == "accelerate-hook":
+                remove_hook_from_module(mlp)
+            elif change == "patched-forward":
+                vars(mlp).pop("forward", None)
+        return losses, grads, calls[0]
+
+    torch.manual_seed(0)
+    model = _llama()
+    expected_losses, expected_grads, expected_calls = run(copy.deepcopy(model), cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, grads, calls = run(model, cache=True)
+    assert calls == expected_calls > 0
+    assert [loss.item() for loss in losses] == [loss.item() for loss in expected_losses]  # bitwise
+    for step, (got, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), f"step {step + 1}"
+    said = [str(w.message) for w in caught if "would be skipped by a step served from the cache" in str(w.message)]
+    assert len(said) == 1 and ("replaced forward" in said[0] or "parametrization" in said[0]), said
+
+
 def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupted_one(tmp_path):
     def trainer(output_dir, seed, callback):
         torch.manual_seed(seed)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from test_callback import _args as callback_args  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from hf_layer_freeze import LayerFreezingCallback  # noqa: E402
+from hf_layer_freeze import LayerFreezer, LayerFreezingCallback  # noqa: E402
 
 TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 MAX_STEPS = 10
@@ -309,3 +310,34 @@ def test_lora_ddp_ranks_stay_identical_and_frozen_adapters_unchanged(tmp_path):
         assert counts[0] == 0 and len(set(counts)) >= 3 and counts == sorted(counts), counts
         assert result["handed_back"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_disable_adapter_between_a_forward_through_an_inner_module_and_its_backward_trains_only_the_unfrozen(
+    checkpointing,
+):
+    # a custom loop: the policy through the inner LlamaModel (a head of one's own), the reference in PEFT's
+    # disable_adapter(), which sets requires_grad=True on every adapter when it exits, then the policy's backward
+    model = _peft_model("llama-untied-lora")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    freezer = LayerFreezer(model, optimizer)
+    freezer.freeze_units(2)
+    frozen = {id(p) for p in freezer.record.parameters}
+    adapters = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    assert frozen and len(frozen) < len(adapters)
+    ids = RandomTokenDataset(8, causal=True).ids[:4]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = model.get_base_model().model(input_ids=ids).last_hidden_state.square().mean()
+            with torch.no_grad(), model.disable_adapter():
+                model(input_ids=ids)
+            loss.backward()
+            assert all((p.grad is None) == (id(p) in frozen) for _, p in adapters)
+            assert not any(p.requires_grad for _, p in adapters if id(p) in frozen)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sum("disable_adapter" in str(w.message) for w in caught) == 1

@@ -79,31 +79,38 @@ def test_an_interrupted_train_gives_the_model_back_and_a_second_train_trains_it_
         trainer.train()
     frozen_at_interrupt = callback.frozen_units
     assert frozen_at_interrupt > 0 and callback.freezer.closed
-    if keep_frozen:  # left frozen, as asked, and the user's from now on
-        assert sum(not trains for trains in _given(model).values()) > 0
-        return
-    assert _given(model) == given  # given back, though no on_train_end came
+    # given back, though no on_train_end came; keep_frozen is for the end of training, and this run did not end
+    assert _given(model) == given
     assert _in_optimizer(trainer) == sorted(id(p) for p in model.parameters())
     watch = StepWatch()
     trainer.add_callback(watch)
     trainer.train()  # again, from the start
     assert callback.freezer.num_units == NUM_UNITS
     assert watch.trained_exactly_the_unfrozen(), watch.steps
-    assert _given(model) == given
+    assert (_given(model) == given) != keep_frozen  # this run ended: keep_frozen=True keeps its freeze
 
 
-def test_a_resume_in_the_same_process_after_an_interrupt_equals_the_same_resume_on_a_fresh_model(tmp_path):
+@pytest.mark.parametrize(
+    "first_run", ["interrupted", "interrupted-keep-frozen", "finished-keep-frozen"], ids=lambda run: run
+)
+def test_a_resume_in_the_same_process_after_an_interrupt_equals_the_same_resume_on_a_fresh_model(tmp_path, first_run):
     overrides = dict(max_steps=16, save_strategy="steps", save_steps=4)
     options = dict(freeze_start=0.2, freeze_every="step")
-    callback = LayerFreezingCallback(**options)
+    keep_frozen = first_run.endswith("keep-frozen")
+    callback = LayerFreezingCallback(**options, keep_frozen=keep_frozen)
+    stops = [] if first_run.startswith("finished") else [RaiseAtStep(10, KeyboardInterrupt())]
     interrupted = Trainer(
         model=_model(),
         args=_args(tmp_path / "a", **overrides),
         train_dataset=RandomImages(64),
-        callbacks=[callback, RaiseAtStep(10, KeyboardInterrupt())],
+        callbacks=[callback, *stops],
     )
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.train()
+    if stops:
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.train()
+    else:
+        interrupted.train()  # to the end, keep_frozen=True: the model is left frozen
+        assert sum(not p.requires_grad for p in interrupted.model.parameters()) > 0
     checkpoint = tmp_path / "checkpoint-8"
     shutil.copytree(tmp_path / "a" / "checkpoint-8", checkpoint)  # the same files for both resumes
     at_resume = []
@@ -117,7 +124,7 @@ def test_a_resume_in_the_same_process_after_an_interrupt_equals_the_same_resume_
     interrupted.train(resume_from_checkpoint=str(checkpoint))
     in_process = at_resume.pop()
 
-    fresh_callback = LayerFreezingCallback(**options)
+    fresh_callback = LayerFreezingCallback(**options, keep_frozen=keep_frozen)
     fresh = Trainer(
         model=_model(seed=7),
         args=_args(tmp_path / "b", **overrides),
@@ -172,6 +179,26 @@ def test_two_freezers_on_one_model_keep_every_frozen_tensor_out_of_both_optimize
     assert sorted(id(p) for o in optimizers for g in o.param_groups for p in g["params"]) == sorted(
         id(p) for p in model.parameters()
     )
+
+
+def test_closing_one_of_two_freezers_first_still_gives_every_tensor_back_to_its_optimizer():
+    model = _mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizers = [torch.optim.SGD(weights, lr=0.1), torch.optim.SGD(biases, lr=0.1)]
+    with pytest.warns(UserWarning, match="in none of the 1 optimizer"):
+        first = LayerFreezer(model, optimizers[0], freeze_start=0.0)
+    second = LayerFreezer(model, optimizers[1], freeze_start=0.0)
+    first.freeze_units(3)
+    assert [len(o.param_groups[0]["params"]) for o in optimizers] == [2, 2]
+    second.unfreeze()
+    second.close()  # closed first: its optimizer still gets back what the other one gives back
+    first.unfreeze()
+    assert all(p.requires_grad for p in model.parameters())
+    assert [[id(p) for p in o.param_groups[0]["params"]] for o in optimizers] == [
+        [id(p) for p in weights],
+        [id(p) for p in biases],
+    ]
 
 
 def test_a_freezer_built_while_another_holds_frozen_tensors_sees_the_model_as_given():
