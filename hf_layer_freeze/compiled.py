@@ -23,7 +23,13 @@ from .wrappers import is_compiled, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompiledCodeInvalidation", "invalidate_compiled_code", "recompile_limit", "resolve_max_freeze_events"]
+__all__ = [
+    "CompiledCodeInvalidation",
+    "has_compiled_code",
+    "invalidate_compiled_code",
+    "recompile_limit",
+    "resolve_max_freeze_events",
+]
 
 MIN_TORCH_FOR_COMPILE = "2.11"
 
@@ -65,6 +71,14 @@ def _resume_codes(code: types.CodeType) -> Iterator[types.CodeType]:
         if isinstance(resumed, types.CodeType):
             yield resumed
             yield from _resume_codes(resumed)
+
+
+def has_compiled_code(model: nn.Module) -> bool:
+    """Whether Dynamo holds graphs for `model`'s code now (compiled by any route, the Trainer's `torch_compile`
+    included, which wraps the model after callbacks get it, so that the model itself does not say so)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return is_compiled(model) or any(_debug_get_cache_entry_list(code) for code in _module_codes(model))
 
 
 def invalidate_compiled_code(model: nn.Module) -> int:

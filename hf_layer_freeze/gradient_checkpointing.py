@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compiled import has_compiled_code
 from .events import FreezeEvent
 from .wrappers import unwrap_model
 
@@ -190,7 +191,9 @@ class ReentrantCheckpointCheck:
     A freeze listener that refuses a re-entrant gradient checkpoint whose inputs require no gradient around a unit
     that still trains (a user's `torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)`), which would
     silently stop training it. It checks the first training forward after each freeze event, then takes its hooks
-    off until the next one.
+    off until the next one. Not under `torch.compile` (a model compiled by any route, see `has_compiled_code`):
+    Dynamo guards on each module's hooks, so hooks put on and taken off would recompile the model twice more per
+    freeze event.
 
     Args:
         model (`torch.nn.Module`):
@@ -198,6 +201,7 @@ class ReentrantCheckpointCheck:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self._given = model
         self.model = unwrap_model(model)
         self._code = _reentrant_checkpoint_forward()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []  # on the units that still train
@@ -211,6 +215,8 @@ class ReentrantCheckpointCheck:
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Check the next training forward: the units that still train, and whether they get a gradient."""
         self._remove()
+        if has_compiled_code(self._given):
+            return  # hooks put on and taken off would recompile it (Dynamo guards on each module's hooks)
         names = {id(m): n for n, m in self.model.named_modules()}
         trainable = [u.module for u in event.units[event.frozen_units :] if any(p.requires_grad for p in u.parameters)]
         if not trainable or all(p.requires_grad for p in self.model.parameters()):

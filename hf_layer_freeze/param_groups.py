@@ -110,7 +110,7 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
             kind = f"LOMO optimizers (optim='lomo' / 'adalomo', here lomo_optim's {type(inner).__name__})"
         elif (cls.__module__, cls.__name__) in _OWN_PARAMETER_LISTS:
             raise NotImplementedError(
-                f"Layer freezing does not support {type(inner).__name__}"
+                f"Layer freezing does not support {type(inner).__module__}.{type(inner).__qualname__}"
                 + ("" if cls is type(inner) else f" (a {cls.__module__}.{cls.__name__})")
                 + ": it keeps its own list of "
                 f"parameters ({_OWN_PARAMETER_LISTS[cls.__module__, cls.__name__]}), taken when it was built, "
