@@ -18,9 +18,9 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 from .compiled import resolve_max_freeze_events
 from .freezer import LayerFreezer
 from .heads import peft_base_model
-from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
+from .options import CallbackOptions, CallbackOptionsKwargs, Unpack, document_options
 from .record import ledger_for
-from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, validate_choice
+from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every
 from .trainer_internals import calling_callback_handler as _calling_callback_handler
 from .trainer_internals import calling_trainer, on_train_exception
 from .wrappers import unwrap_model
@@ -29,14 +29,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LayerFreezingCallback"]
 
-FREEZE_EVERY_CHOICES = ("auto", "epoch", "step")
-
 # The callbacks the user gave each Trainer (by its callback handler), recorded at `on_init_end`: with
 # `restore_callback_states_from_checkpoint=True` the Trainer replaces them by callbacks rebuilt from the checkpoint,
 # and the rebuilt one finds here what the user asked for, to say what changed and to report back to the user's object.
 _GIVEN_CALLBACKS: weakref.WeakKeyDictionary[CallbackHandler, list[LayerFreezingCallback]] = weakref.WeakKeyDictionary()
 
 
+@document_options(CallbackOptions)
 class LayerFreezingCallback(TrainerCallback, ExportableState):
     """
     A [`~transformers.TrainerCallback`] that progressively freezes the earliest units of the model.
@@ -65,37 +64,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     training log of the Trainer (so TensorBoard, W&B, ... show them). A freeze at an epoch end is logged at its own
     step; freezing by step adds at most one log per `logging_steps` window, so the logs are not flooded.
 
-    Args:
-        freeze_start (`float`, *optional*, defaults to 0.5):
-            Fraction of training, in [0, 1), after which freezing starts.
-        freeze_level (`float`, *optional*, defaults to 1.0):
-            Fraction of the units frozen at the end of training, in [0, 1].
-        freeze_every (`str`, *optional*, defaults to `"auto"`):
-            `"epoch"` to freeze at the end of each epoch (exactly the method card's), `"step"` to freeze as soon as
-            the count of units grows, `"auto"`: `"epoch"` when at least 4 epoch ends fall after `freeze_start` and
-            before the end of the run (`schedule.resolve_freeze_every`), `"step"` otherwise, and `"step"` when the
-            Trainer does not know an epoch's length (a streaming `IterableDataset` trained for `max_steps`).
-        order, granularity, budget, freeze_batchnorm, max_freeze_events:
-            As in [`LayerFreezer`]: `order` in `("definition", "execution")`, `granularity` in `("module",
-            "block")`, `budget` in `("units", "params", "flops")`, `freeze_batchnorm` a bool, `max_freeze_events`
-            `None` or a positive integer. With `TrainingArguments(torch_compile=True)` the callback bounds the
-            freeze events itself, as `LayerFreezer` does for a compiled model (3 at Dynamo's default limit of 8).
-        schedule, check_every, change_threshold:
-            As in [`LayerFreezer`]: `schedule="adaptive"` freezes the prefix of units whose gradient norm has settled,
-            checked every `check_every` optimizer steps (whatever `freeze_every` says); its history is saved with each
-            checkpoint, and the criterion is logged as `layer_freeze/grad_norm_change_*`.
-        head (`str` or `list[str]`, *optional*):
-            As in [`LayerFreezer`]: names of the head modules, never frozen (by default found by rule).
-        cache_activations, cache_max_bytes:
-            As in [`LayerFreezer`]: activation caching, off by default; its hit rate and host memory are logged as
-            `layer_freeze/cache_hit_rate` and `layer_freeze/cache_bytes`.
-        keep_frozen (`bool`, *optional*, defaults to `False`):
-            At the end of training the model is given back as it was given: frozen parameters require gradients
-            again and are back in the optimizer (`LayerFreezer.unfreeze`), exactly those the callback froze, so a
-            second `trainer.train()` trains what the first one was given. `True` leaves them frozen (and the user's:
-            a later freezer treats them as frozen by hand). The model is given back on every exit path: when
-            `trainer.train()` raises (an interrupt, an error; the callback wraps the Trainer's `train` for this,
-            since no `on_train_end` comes), and before an attempt that `auto_find_batch_size` retries.
+    The options (below) are `LayerFreezer`'s and the callback's own `freeze_every` and `keep_frozen`. With
+    `TrainingArguments(torch_compile=True)` the callback bounds the freeze events itself, as `LayerFreezer` does for a
+    compiled model (3 at Dynamo's default limit of 8). `schedule="adaptive"` checks every `check_every` optimizer steps
+    whatever `freeze_every` says, and its history is saved with each checkpoint. The adaptive criterion is logged as
+    `layer_freeze/grad_norm_change_*`; activation caching's hit rate and host memory as `layer_freeze/cache_hit_rate`
+    and `layer_freeze/cache_bytes`.
 
     Example:
 
@@ -113,43 +87,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     ```
     """
 
-    def __init__(
-        self,
-        *,
-        freeze_start: float = 0.5,
-        freeze_level: float = 1.0,
-        freeze_every: str = "auto",
-        order: str = "definition",
-        granularity: str = "module",
-        budget: str = "units",
-        freeze_batchnorm: bool = False,
-        max_freeze_events: int | None = None,
-        keep_frozen: bool = False,
-        schedule: str = "linear",
-        check_every: int = 20,
-        change_threshold: float = 1.0,
-        head: str | list[str] | None = None,
-        cache_activations: bool = False,
-        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
-    ) -> None:
-        self.options = FreezeOptions(
-            freeze_start=freeze_start,
-            freeze_level=freeze_level,
-            order=order,
-            granularity=granularity,
-            budget=budget,
-            freeze_batchnorm=freeze_batchnorm,
-            max_freeze_events=max_freeze_events,
-            schedule=schedule,
-            check_every=check_every,
-            change_threshold=change_threshold,
-            head=head,
-            cache_activations=cache_activations,
-            cache_max_bytes=cache_max_bytes,
-        )
-        self.freeze_every = validate_choice("freeze_every", freeze_every, FREEZE_EVERY_CHOICES)
-        if not isinstance(keep_frozen, bool):
-            raise ValueError(f"keep_frozen must be True or False, got {keep_frozen!r}")
+    def __init__(self, **options: Unpack[CallbackOptionsKwargs]) -> None:
+        given = CallbackOptions.from_kwargs(**options)
+        self.options = given.freeze_options()
+        freeze_every, keep_frozen = given.freeze_every, given.keep_frozen
+        self.freeze_every = freeze_every
         self.keep_frozen = keep_frozen
         self._frozen_at_end: int | None = None
         self._result_at_end = None  # the freezer's result when training ended, before the hand-back

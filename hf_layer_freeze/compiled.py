@@ -6,10 +6,15 @@ each freeze event the freezer drops Dynamo's cached code for this model: the cod
 methods (where Dynamo's cache lives, whether the model was compiled with `torch.compile(model)`, `model.compile()`,
 Accelerate's `dynamo_backend` or the Trainer's `torch_compile`), and the resume functions Dynamo made from them at
 graph breaks. Other compiled functions keep their code; other instances of the same module classes recompile once.
+
+Dynamo offers no public route to a code object's cache, so this file uses its internals, all named in
+`_DYNAMO_INTERNALS` and checked by `check_dynamo_internals` when a freezer for a compiled model is built (a torch
+lacking one fails then, with its version and the name, not at the first freeze hours into training).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import types
 import warnings
@@ -25,13 +30,58 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CompiledCodeInvalidation",
+    "check_dynamo_internals",
     "has_compiled_code",
     "invalidate_compiled_code",
+    "missing_dynamo_internals",
     "recompile_limit",
     "resolve_max_freeze_events",
 ]
 
 MIN_TORCH_FOR_COMPILE = "2.11"
+
+# The Dynamo internals this file uses, as (module, attribute path); no public API gives a code object's graphs.
+_DYNAMO_INTERNALS = (
+    ("torch._dynamo", "reset_code"),  # drop the graphs of one code object
+    ("torch._dynamo.eval_frame", "_debug_get_cache_entry_list"),  # the graphs of one code object
+    ("torch._dynamo.resume_execution", "ContinueExecutionCache.cache"),  # the resume functions made at graph breaks
+)
+_RECOMPILE_LIMITS = ("recompile_limit", "cache_size_limit")  # torch._dynamo.config, named cache_size_limit < 2.7
+_MISSING = object()
+
+
+def missing_dynamo_internals() -> list[str]:
+    """The names, among the Dynamo internals this file uses, that this torch lacks."""
+    missing = []
+    for module_name, path in _DYNAMO_INTERNALS:
+        try:
+            found: object = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(f"{module_name}.{path}")
+            continue
+        for attribute in path.split("."):
+            found = getattr(found, attribute, _MISSING)
+            if found is _MISSING:
+                missing.append(f"{module_name}.{path}")
+                break
+    config = getattr(torch._dynamo, "config", None)
+    if not any(hasattr(config, name) for name in _RECOMPILE_LIMITS):
+        missing.append(f"torch._dynamo.config.{_RECOMPILE_LIMITS[0]} (or {_RECOMPILE_LIMITS[1]})")
+    return missing
+
+
+def check_dynamo_internals() -> None:
+    """
+    Raise `NotImplementedError`, naming the torch version and each missing name, if this torch lacks a Dynamo
+    internal that `hf_layer_freeze` needs to retrace a compiled model after a freeze (cheap: a few `getattr`).
+    """
+    missing = missing_dynamo_internals()
+    if missing:
+        raise NotImplementedError(
+            f"torch {torch.__version__} lacks {', '.join(missing)}, which hf_layer_freeze needs to drop a compiled "
+            f"model's graphs after each freeze. Use a tested torch (>= {MIN_TORCH_FOR_COMPILE}, see constraints.txt), "
+            "or train the model uncompiled."
+        )
 
 
 def recompile_limit() -> int:
@@ -62,10 +112,10 @@ def _module_codes(model: nn.Module) -> Iterator[types.CodeType]:
 
 def _resume_codes(code: types.CodeType) -> Iterator[types.CodeType]:
     """The resume functions Dynamo generated from `code` at graph breaks (and from those, recursively)."""
-    from torch._dynamo import resume_execution
+    from torch._dynamo.resume_execution import ContinueExecutionCache
 
-    cache = getattr(getattr(resume_execution, "ContinueExecutionCache", None), "cache", None)
-    if cache is None or code not in cache:
+    cache = ContinueExecutionCache.cache
+    if code not in cache:
         return
     for resumed in list(cache[code].values()):
         if isinstance(resumed, types.CodeType):
@@ -76,9 +126,13 @@ def _resume_codes(code: types.CodeType) -> Iterator[types.CodeType]:
 def has_compiled_code(model: nn.Module) -> bool:
     """Whether Dynamo holds graphs for `model`'s code now (compiled by any route, the Trainer's `torch_compile`
     included, which wraps the model after callbacks get it, so that the model itself does not say so)."""
+    if is_compiled(model):
+        return True
+    if missing_dynamo_internals():  # a torch without them: only a compiled wrapper can say (checked when built)
+        return False
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    return is_compiled(model) or any(_debug_get_cache_entry_list(code) for code in _module_codes(model))
+    return any(_debug_get_cache_entry_list(code) for code in _module_codes(model))
 
 
 def invalidate_compiled_code(model: nn.Module) -> int:
@@ -107,14 +161,31 @@ class CompiledCodeInvalidation:
     Args:
         model (`torch.nn.Module`):
             The model, bare or wrapped.
+        compiled (`bool`, *optional*):
+            Whether the model is or will be compiled (the Trainer's `torch_compile` compiles it after callbacks get
+            it); by default, whether it is compiled now.
+
+    Raises:
+        `NotImplementedError`: the model is (or will be) compiled and this torch lacks a Dynamo internal that
+            dropping its graphs needs (`check_dynamo_internals`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compiled: bool | None = None) -> None:
         self.model = model
+        if is_compiled(model) if compiled is None else compiled:
+            check_dynamo_internals()  # fail now, not at the first freeze hours into training
+            self._dynamo_usable = True
+        else:  # a torch lacking them can still train an uncompiled model: nothing is dropped then
+            self._dynamo_usable = not missing_dynamo_internals()
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
-        if event.parameters:
-            invalidate_compiled_code(self.model)
+        if not event.parameters:
+            return
+        if not self._dynamo_usable:
+            if is_compiled(self.model):  # compiled in place after the freezer was built
+                check_dynamo_internals()
+            return
+        invalidate_compiled_code(self.model)
 
     def close(self) -> None:
         """Nothing to release: dropping code leaves no hook behind."""
@@ -132,6 +203,7 @@ def resolve_max_freeze_events(
     """
     if not (is_compiled(model) if compiled is None else compiled):
         return max_freeze_events
+    check_dynamo_internals()  # a compiled model (or one the Trainer will compile): fail before training starts
     limit = recompile_limit()
     safe = max(1, (limit - 2) // 2)
     if max_freeze_events is None:

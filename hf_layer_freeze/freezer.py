@@ -26,7 +26,7 @@ from .distributed import DDPReducerSync, check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
 from .gradient_checkpointing import CheckpointInputGrads, ReentrantCheckpointCheck
 from .heads import peft_base_model
-from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
+from .options import FreezeOptions, FreezeOptionsKwargs, Unpack, document_options
 from .param_groups import check_supported_optimizer, frozen_param_groups
 from .profiling import UnitProfile, profile_units
 from .record import FrozenRecord, ledger_for
@@ -84,6 +84,7 @@ def _optimizer_list(optimizer: Any) -> list[torch.optim.Optimizer]:
     return optimizers
 
 
+@document_options(FreezeOptions)
 class LayerFreezer:
     """
     Progressively freezes the earliest units of a model and keeps its optimizers (and DDP) consistent.
@@ -109,53 +110,6 @@ class LayerFreezer:
             Its optimizer, raw or an Accelerate `AcceleratedOptimizer`, or several (as Composer's `freeze_layers`
             takes): frozen parameters leave every one. Trainable parameters in none of them get a warning, since an
             optimizer the freezer does not know would keep updating them after they freeze.
-        freeze_start (`float`, *optional*, defaults to 0.5):
-            Fraction of training, in [0, 1), after which freezing starts.
-        freeze_level (`float`, *optional*, defaults to 1.0):
-            Fraction of the units frozen at the end of training, in [0, 1].
-        order (`str`, *optional*, defaults to `"definition"`):
-            `"definition"`: depth-first order of the ownership tree (the method card's). `"execution"`: order of
-            first use in a forward pass, recorded once on the first training batch, so the frozen set is a prefix
-            of the computation even where the code defines modules in another order.
-        granularity (`str`, *optional*, defaults to `"module"`):
-            `"module"`: every module owning trainable parameters is a unit (a LoRA layer's A and B matrices are one).
-            `"block"`: the model's own blocks, so no block is half frozen: a timm model's `group_matcher()` groups
-            (stem, blocks, stages), a transformers model's layers (the classes it lists in `_no_split_modules`).
-        budget (`str`, *optional*, defaults to `"units"`):
-            What the freeze fraction counts: `"units"` (the card's), `"params"` (cumulative parameters) or
-            `"flops"` (cumulative forward FLOPs, counted once on the first training batch).
-        freeze_batchnorm (`bool`, *optional*, defaults to `False`):
-            Also freeze the running statistics of frozen BatchNorm layers (they normalize with them).
-        max_freeze_events (`int`, *optional*):
-            At most this many distinct freeze events (the unit count is rounded down to evenly spaced levels).
-            Unbounded by default, except for a compiled model: each event recompiles it, so the default keeps it
-            within `torch._dynamo.config.recompile_limit`.
-        schedule (`str`, *optional*, defaults to `"linear"`):
-            `"linear"`: the method card's, by the clock. `"adaptive"`: freeze a unit once its training has settled.
-            Every `check_every` optimizer steps the mean gradient norm of each unit over the interval is compared
-            with the previous interval's; the longest prefix of trainable units whose relative change is at most
-            `change_threshold` times the median change of all trainable units is frozen (see
-            `schedule.settled_prefix`). Never before `freeze_start`, never beyond `freeze_level`, always a prefix,
-            never unfreezing. The gradient norms are read by a step pre-hook on the (first) optimizer that holds
-            units; `update(progress)` makes the checks, so call it every step (the callback does).
-        check_every (`int`, *optional*, defaults to 20):
-            `schedule="adaptive"`: optimizer steps between two checks.
-        change_threshold (`float`, *optional*, defaults to 1.0):
-            `schedule="adaptive"`: a unit has settled when its relative change is at most this times the median.
-        head (`str` or `list[str]`, *optional*):
-            Names of the head modules (as in `model.named_modules()`, or of the model PEFT wraps), never frozen.
-            By default the head is found by rule (see `heads.py`: PEFT, timm, transformers, a backbone inside your
-            module), and where no rule applies the last unit is taken as head, with a warning naming it.
-        cache_activations (`bool`, *optional*, defaults to `False`):
-            Activation caching (AutoFreeze, arXiv 2102.01386): once the embeddings and a prefix of blocks are frozen,
-            keep the output of the last frozen block for each training example in host memory, keyed by the exact
-            bytes of its inputs, and skip the frozen prefix's forward for a batch whose examples are all cached. The
-            frozen prefix then runs in eval mode (dropout off). transformers BERT, RoBERTa, ViT and Llama (PEFT on
-            them included) and timm ViT and ResNet; other models get a `NotImplementedError`. See
-            `activation_cache.py`.
-        cache_max_bytes (`int`, *optional*, defaults to 4 GiB):
-            Host memory for the cached outputs and their keys, in bytes; past it, examples are computed.
-
     Raises:
         `ValueError`: a bad option (named, with the allowed values), a model with no freezable unit, an optimizer
             holding none of the model's parameters.
@@ -192,37 +146,10 @@ class LayerFreezer:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-        *,
-        freeze_start: float = 0.5,
-        freeze_level: float = 1.0,
-        order: str = "definition",
-        granularity: str = "module",
-        budget: str = "units",
-        freeze_batchnorm: bool = False,
-        max_freeze_events: int | None = None,
-        schedule: str = "linear",
-        check_every: int = 20,
-        change_threshold: float = 1.0,
-        head: str | Sequence[str] | None = None,
-        cache_activations: bool = False,
-        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+        **options: Unpack[FreezeOptionsKwargs],
     ) -> None:
-        options = FreezeOptions(
-            freeze_start=freeze_start,
-            freeze_level=freeze_level,
-            order=order,
-            granularity=granularity,
-            budget=budget,
-            freeze_batchnorm=freeze_batchnorm,
-            max_freeze_events=max_freeze_events,
-            schedule=schedule,
-            check_every=check_every,
-            change_threshold=change_threshold,
-            head=head,
-            cache_activations=cache_activations,
-            cache_max_bytes=cache_max_bytes,
-        )
-        self.options = options
+        self.options = FreezeOptions.from_kwargs(**options)
+        options = self.options
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_supported_wrapping(model, optimizer)

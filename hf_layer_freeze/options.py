@@ -1,4 +1,11 @@
-"""The freezer's configuration, validated in one place for `LayerFreezer` and `LayerFreezingCallback`.
+"""The freezer's options, each defined once: its field, default, validation and documentation.
+
+`FreezeOptions` holds the options of `LayerFreezer`; `CallbackOptions` adds the two of `LayerFreezingCallback`. Each
+field is declared with `option(...)`, whose metadata (`doc`, `check`, `choices`, `type`, `cli`) is all the rest of the
+package reads: `__post_init__` runs each `check`, `document_options` writes each `doc` into the constructors'
+`Args:` blocks, and `add_option_arguments` derives `plan`'s command-line flags. The constructors take the options as
+`**options` and forward them to `from_kwargs`, so adding an option is its `option(...)` line here, its key in the
+`...Kwargs` TypedDict (a test compares the two) and the code that uses it.
 
 Pure Python (no torch), and JSON-safe values only, so the callback can be saved and restored with the Trainer's
 `ExportableState` mechanism.
@@ -6,19 +13,137 @@ Pure Python (no torch), and JSON-safe values only, so the callback can be saved 
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, TypedDict, TypeVar
 
 from .schedule import validate_choice, validate_freeze_level, validate_freeze_start
 
-__all__ = ["BUDGETS", "GRANULARITIES", "ORDERS", "SCHEDULES", "FreezeOptions"]
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10 (torch depends on typing_extensions)
+    from typing_extensions import Unpack
+
+__all__ = [
+    "BUDGETS",
+    "FREEZE_EVERY_CHOICES",
+    "GRANULARITIES",
+    "ORDERS",
+    "SCHEDULES",
+    "CallbackOptions",
+    "CallbackOptionsKwargs",
+    "FreezeOptions",
+    "FreezeOptionsKwargs",
+    "Unpack",
+    "add_option_arguments",
+    "document_options",
+    "option",
+]
 
 SCHEDULES = ("linear", "adaptive")
 DEFAULT_CACHE_MAX_BYTES = 4 * 2**30  # host memory for cached activations: 4 GiB
 ORDERS = ("definition", "execution")
 GRANULARITIES = ("module", "block")
 BUDGETS = ("units", "params", "flops")
+FREEZE_EVERY_CHOICES = ("auto", "epoch", "step")
+
+Check = Callable[[str, Any], Any]  # (name, value) -> the value to store; raises ValueError naming `name`
+
+
+def option(
+    default: Any,
+    doc: str,
+    check: Check | None = None,
+    *,
+    choices: tuple[str, ...] | None = None,
+    type: str | None = None,
+    default_doc: str | None = None,
+    cli: dict[str, Any] | None = None,
+) -> Any:
+    """
+    A dataclass field for one option, with everything the package knows about it.
+
+    Args:
+        default: the default value (JSON-safe).
+        doc (`str`): the `Args:` entry's text, one paragraph (it is re-wrapped); its first sentence is the
+            command-line help.
+        check (`Callable[[str, Any], Any]`, *optional*): takes the option's name and value, returns the value to store
+            (normalized) or raises a one-line `ValueError` naming the option, the allowed values and the value.
+            Defaults to `validate_choice` over `choices`.
+        choices (`tuple[str, ...]`, *optional*): the allowed strings (also the command line's `choices`).
+        type (`str`, *optional*): the type as the docstring writes it; by default the default's type.
+        default_doc (`str`, *optional*): the default as the docstring writes it, when its value reads badly.
+        cli (`dict`, *optional*): extra `argparse.add_argument` keywords (`type`, `nargs`) for `add_option_arguments`.
+    """
+    if check is None:
+        if choices is None:
+            raise TypeError("option() needs a check or choices")
+        check = _one_of(choices)
+    metadata = {"doc": doc, "check": check, "choices": choices, "type": type, "default_doc": default_doc}
+    return field(default=default, metadata={**metadata, "cli": cli or {}})
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    return lambda name, value: validate_choice(name, value, choices)
+
+
+def _fraction_start(name: str, value: object) -> float:
+    return validate_freeze_start(value)
+
+
+def _fraction_level(name: str, value: object) -> float:
+    return validate_freeze_level(value)
+
+
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _positive_integer(unit: str | None) -> Check:
+    """An integer >= 1; `unit` (what it counts) joins the message."""
+
+    def check(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = f" ({unit})" if unit else ""
+            raise ValueError(f"{name} must be an integer >= 1{what}, got {value!r}")
+        return value
+
+    return check
+
+
+def _optional_positive_integer(name: str, value: object) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    return value
+
+
+def _positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _head(name: str, head: object) -> tuple[str, ...] | None:
+    """`head` as a tuple of module names, or `None`; a `ValueError` for anything else."""
+    if head is None:
+        return None
+    names = (head,) if isinstance(head, str) else head
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"{name} must be None, a module name or a non-empty list of module names (as in model.named_modules()), "
+            f"got {head!r}"
+        )
+    return tuple(names)
+
+
+_Options = TypeVar("_Options", bound="FreezeOptions")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,62 +168,313 @@ class FreezeOptions:
     ```
     """
 
-    freeze_start: float = 0.5
-    freeze_level: float = 1.0
-    order: str = "definition"
-    granularity: str = "module"
-    budget: str = "units"
-    freeze_batchnorm: bool = False
-    max_freeze_events: int | None = None
-    schedule: str = "linear"
-    check_every: int = 20
-    change_threshold: float = 1.0
-    head: tuple[str, ...] | None = None
-    cache_activations: bool = False
-    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    freeze_start: float = option(0.5, "Fraction of training, in [0, 1), after which freezing starts.", _fraction_start)
+    freeze_level: float = option(
+        1.0, "Fraction of the units frozen at the end of training, in [0, 1].", _fraction_level
+    )
+    order: str = option(
+        "definition",
+        'Which units come first. `"definition"`: depth-first order of the ownership tree (the method card\'s). '
+        '`"execution"`: order of first use in a forward pass, recorded once on the first training batch, so the '
+        "frozen set is a prefix of the computation even where the code defines modules in another order.",
+        choices=ORDERS,
+    )
+    granularity: str = option(
+        "module",
+        'What a unit is. `"module"`: every module owning trainable parameters (a LoRA layer\'s A and B matrices are '
+        "one). `\"block\"`: the model's own blocks, so no block is half frozen: a timm model's `group_matcher()` "
+        "groups (stem, blocks, stages), a transformers model's layers (the classes it lists in `_no_split_modules`).",
+        choices=GRANULARITIES,
+    )
+    budget: str = option(
+        "units",
+        'What the freeze fraction counts: `"units"` (the card\'s), `"params"` (cumulative parameters) or '
+        '`"flops"` (cumulative forward FLOPs, counted once on the first training batch).',
+        choices=BUDGETS,
+    )
+    freeze_batchnorm: bool = option(
+        False,
+        "Also freeze the running statistics of frozen BatchNorm layers (they normalize with them).",
+        _boolean,
+    )
+    max_freeze_events: int | None = option(
+        None,
+        "At most this many distinct freeze events (the unit count is rounded down to evenly spaced levels). "
+        "Unbounded by default, except for a compiled model: each event recompiles it, so the default keeps it within "
+        "`torch._dynamo.config.recompile_limit`.",
+        _optional_positive_integer,
+        type="int",
+        cli={"type": int},
+    )
+    schedule: str = option(
+        "linear",
+        'How many units to freeze. `"linear"`: the method card\'s, by the clock. `"adaptive"`: freeze a unit once '
+        "its training has settled. Every `check_every` optimizer steps the mean gradient norm of each unit over the "
+        "interval is compared with the previous interval's; the longest prefix of trainable units whose relative "
+        "change is at most `change_threshold` times the median change of all trainable units is frozen (see "
+        "`schedule.settled_prefix`). Never before `freeze_start`, never beyond `freeze_level`, always a prefix, never "
+        "unfreezing. The gradient norms are read by a step pre-hook on the (first) optimizer that holds units; "
+        "`update(progress)` makes the checks, so call it every step (the callback does).",
+        choices=SCHEDULES,
+    )
+    check_every: int = option(
+        20,
+        '`schedule="adaptive"`: optimizer steps between two checks.',
+        _positive_integer("optimizer steps between checks"),
+    )
+    change_threshold: float = option(
+        1.0,
+        '`schedule="adaptive"`: a unit has settled when its relative change is at most this times the median.',
+        _positive_number,
+    )
+    head: tuple[str, ...] | None = option(
+        None,
+        "Names of the head modules (as in `model.named_modules()`, or of the model PEFT wraps), never frozen. By "
+        "default the head is found by rule (see `heads.py`: PEFT, timm, transformers, a backbone inside your module), "
+        "and where no rule applies the last unit is taken as head, with a warning naming it. Stored as a list in "
+        "`to_dict()`.",
+        _head,
+        type="`str` or `list[str]`",
+        cli={"nargs": "+"},
+    )
+    cache_activations: bool = option(
+        False,
+        "Activation caching (AutoFreeze, arXiv 2102.01386): once the embeddings and a prefix of blocks are frozen, "
+        "keep the output of the last frozen block for each training example in host memory, keyed by the exact "
+        "bytes of its inputs, and skip the frozen prefix's forward for a batch whose examples are all cached. The "
+        "frozen prefix then runs in eval mode (dropout off). transformers BERT, RoBERTa, ViT and Llama (PEFT on them "
+        "included) and timm ViT and ResNet; other models get a `NotImplementedError`. See `activation_cache.py`.",
+        _boolean,
+    )
+    cache_max_bytes: int = option(
+        DEFAULT_CACHE_MAX_BYTES,
+        "Host memory for the cached outputs and their keys, in bytes; past it, examples are computed.",
+        _positive_integer("bytes of host memory"),
+        default_doc="4 GiB",
+    )
 
     def __post_init__(self) -> None:
-        # frozen dataclass: normalize ints to floats through object.__setattr__
-        object.__setattr__(self, "freeze_start", validate_freeze_start(self.freeze_start))
-        object.__setattr__(self, "freeze_level", validate_freeze_level(self.freeze_level))
-        validate_choice("order", self.order, ORDERS)
-        validate_choice("granularity", self.granularity, GRANULARITIES)
-        validate_choice("budget", self.budget, BUDGETS)
-        if not isinstance(self.freeze_batchnorm, bool):
-            raise ValueError(f"freeze_batchnorm must be True or False, got {self.freeze_batchnorm!r}")
-        validate_choice("schedule", self.schedule, SCHEDULES)
-        every = self.check_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"check_every must be an integer >= 1 (optimizer steps between checks), got {every!r}")
-        threshold = self.change_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < math.inf:
-            raise ValueError(f"change_threshold must be a positive number, got {threshold!r}")
-        object.__setattr__(self, "change_threshold", float(threshold))
-        object.__setattr__(self, "head", _validate_head(self.head))
-        if not isinstance(self.cache_activations, bool):
-            raise ValueError(f"cache_activations must be True or False, got {self.cache_activations!r}")
-        budget = self.cache_max_bytes
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"cache_max_bytes must be an integer >= 1 (bytes of host memory), got {budget!r}")
-        events = self.max_freeze_events
-        if events is not None and (isinstance(events, bool) or not isinstance(events, int) or events < 1):
-            raise ValueError(f"max_freeze_events must be None or an integer >= 1, got {events!r}")
+        for each in fields(self):
+            value = each.metadata["check"](each.name, getattr(self, each.name))
+            object.__setattr__(self, each.name, value)  # frozen dataclass: the normalized value (0 -> 0.0)
+
+    @classmethod
+    def from_kwargs(cls: type[_Options], **kwargs: Any) -> _Options:
+        """
+        The options from a constructor's `**options`; a one-line `TypeError` names a keyword that is no option.
+
+        Example:
+
+        ```python
+        >>> from hf_layer_freeze import FreezeOptions
+        >>> FreezeOptions.from_kwargs(freeze_start=0.25).freeze_start
+        0.25
+        >>> FreezeOptions.from_kwargs(freeze_strat=0.25)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: unexpected keyword argument 'freeze_strat'; the options are freeze_start, freeze_level, ...
+
+        ```
+        """
+        names = option_names(cls)
+        unknown = [name for name in kwargs if name not in names]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise TypeError(
+                f"unexpected keyword argument{plural} {', '.join(map(repr, unknown))}; "
+                f"the options are {', '.join(names)}"
+            )
+        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as JSON-safe keyword arguments."""
-        options = asdict(self)
-        options["head"] = None if self.head is None else list(self.head)
-        return options
+        """The options as JSON-safe keyword arguments (tuples as lists)."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()}
+
+    def freeze_options(self) -> FreezeOptions:
+        """The `FreezeOptions` part (what `LayerFreezer` takes) of these options."""
+        return FreezeOptions(**{name: getattr(self, name) for name in option_names(FreezeOptions)})
 
 
-def _validate_head(head: object) -> tuple[str, ...] | None:
-    """`head` as a tuple of module names, or `None`; a `ValueError` for anything else."""
-    if head is None:
-        return None
-    names = (head,) if isinstance(head, str) else head
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(
-            f"head must be None, a module name or a non-empty list of module names (as in model.named_modules()), "
-            f"got {head!r}"
+@dataclass(frozen=True, kw_only=True)
+class CallbackOptions(FreezeOptions):
+    """`FreezeOptions` and the options only `LayerFreezingCallback` has: when to freeze, and the hand-back."""
+
+    freeze_every: str = option(
+        "auto",
+        '`"epoch"` to freeze at the end of each epoch (exactly the method card\'s), `"step"` to freeze as soon as '
+        'the count of units grows, `"auto"`: `"epoch"` when at least 4 epoch ends fall after `freeze_start` and '
+        'before the end of the run (`schedule.resolve_freeze_every`), `"step"` otherwise, and `"step"` when the '
+        "Trainer does not know an epoch's length (a streaming `IterableDataset` trained for `max_steps`).",
+        choices=FREEZE_EVERY_CHOICES,
+    )
+    keep_frozen: bool = option(
+        False,
+        "At the end of training the model is given back as it was given: frozen parameters require gradients again "
+        "and are back in the optimizer (`LayerFreezer.unfreeze`), exactly those the callback froze, so a second "
+        "`trainer.train()` trains what the first one was given. `True` leaves them frozen (and the user's: a later "
+        "freezer treats them as frozen by hand). The model is given back on every exit path: when `trainer.train()` "
+        "raises (an interrupt, an error; the callback wraps the Trainer's `train` for this, since no `on_train_end` "
+        "comes), and before an attempt that `auto_find_batch_size` retries.",
+        _boolean,
+    )
+
+
+class FreezeOptionsKwargs(TypedDict, total=False):
+    """The keyword arguments of `FreezeOptions`, for `**options: Unpack[FreezeOptionsKwargs]` (types as accepted)."""
+
+    freeze_start: float
+    freeze_level: float
+    order: str
+    granularity: str
+    budget: str
+    freeze_batchnorm: bool
+    max_freeze_events: int | None
+    schedule: str
+    check_every: int
+    change_threshold: float
+    head: str | Sequence[str] | None
+    cache_activations: bool
+    cache_max_bytes: int
+
+
+class CallbackOptionsKwargs(FreezeOptionsKwargs, total=False):
+    """The keyword arguments of `LayerFreezingCallback` (`CallbackOptions`)."""
+
+    freeze_every: str
+    keep_frozen: bool
+
+
+def option_names(options: type[FreezeOptions]) -> tuple[str, ...]:
+    """The option names of an options class, in definition order."""
+    return tuple(each.name for each in fields(options))
+
+
+def _option_fields(options: type[FreezeOptions], names: Iterable[str] | None = None) -> list[Field]:
+    by_name = {each.name: each for each in fields(options)}
+    if names is None:
+        return list(by_name.values())
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"names must be options of {options.__name__} ({', '.join(by_name)}), got {unknown}")
+    return [by_name[name] for name in names]
+
+
+def _doc_type(each: Field) -> str:
+    written = each.metadata["type"] or type(each.default).__name__
+    return written if "`" in written else f"`{written}`"
+
+
+def _doc_default(each: Field) -> str:
+    if each.metadata["default_doc"] is not None:
+        return f", defaults to {each.metadata['default_doc']}"
+    if each.default is None or each.default is MISSING:
+        return ""
+    default = each.default
+    if isinstance(default, str):
+        return f', defaults to `"{default}"`'
+    return f", defaults to `{default}`" if isinstance(default, bool) else f", defaults to {default}"
+
+
+def option_docs(options: type[FreezeOptions], indent: str = "        ") -> str:
+    """The options' `Args:` entries, Hugging Face style: ``name (`type`, *optional*, defaults to X):`` and its text."""
+    entries = []
+    for each in _option_fields(options):
+        head = f"{indent}{each.name} ({_doc_type(each)}, *optional*{_doc_default(each)}):"
+        body = textwrap.fill(
+            each.metadata["doc"],
+            width=119,
+            initial_indent=indent + "    ",
+            subsequent_indent=indent + "    ",
+            break_long_words=False,
+            break_on_hyphens=False,
         )
-    return tuple(names)
+        entries.append(f"{head}\n{body}")
+    return "\n".join(entries)
+
+
+def _indent_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+_SECTION = re.compile(r"^(?P<indent>[ \t]*)(?P<name>Args|Returns|Raises|Example|Examples):[ \t]*$")
+
+
+def _with_option_docs(doc: str, options: type[FreezeOptions]) -> str:
+    """`doc` with the options' entries at the end of its `Args:` block (which is made, before the next section or
+    at the end, where there is none)."""
+    lines = doc.split("\n")
+    sections = [(i, m) for i, m in ((i, _SECTION.match(line)) for i, line in enumerate(lines)) if m]
+    args = next(((i, m) for i, m in sections if m["name"] == "Args"), None)
+    if args is not None:
+        start, match = args
+        indent = match["indent"]
+        end = start + 1
+        while end < len(lines) and (not lines[end].strip() or len(_indent_of(lines[end])) > len(indent)):
+            end += 1
+        while end - 1 > start and not lines[end - 1].strip():
+            end -= 1  # the entries go after the last entry, before the blank line that ends the block
+        lines[end:end] = option_docs(options, indent + "    ").split("\n")
+        return "\n".join(lines)
+    if sections:
+        at, match = sections[0]
+        indent = match["indent"]
+    else:
+        at, indent = len(lines), next((_indent_of(line) for line in lines[1:] if line.strip()), "")
+        while at > 0 and not lines[at - 1].strip():
+            at -= 1
+    block = [f"{indent}Args:", *option_docs(options, indent + "    ").split("\n"), ""]
+    lines[at:at] = block if sections else ["", *block]
+    return "\n".join(lines)
+
+
+_Documented = TypeVar("_Documented")
+
+
+def document_options(options: type[FreezeOptions]) -> Callable[[_Documented], _Documented]:
+    """
+    A class decorator that writes each option's `Args:` entry (from its `option(...)` definition) into the class
+    docstring, so `help(LayerFreezer)` documents every option that its `**options` takes.
+    """
+
+    def decorate(cls: _Documented) -> _Documented:
+        if cls.__doc__:  # None under python -OO
+            cls.__doc__ = _with_option_docs(cls.__doc__, options)
+        return cls
+
+    return decorate
+
+
+def add_option_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: Iterable[str],
+    options: type[FreezeOptions] = CallbackOptions,
+) -> None:
+    """
+    Add a `--flag-name` for each named option to `parser`, with the option's default, its choices and the first
+    sentence of its documentation as help; `args.flag_name` is the option's keyword. Values are validated by the
+    options themselves when the parsed arguments reach `FreezeOptions`.
+
+    Example:
+
+    ```python
+    >>> import argparse
+    >>> from hf_layer_freeze.options import add_option_arguments
+    >>> parser = argparse.ArgumentParser()
+    >>> add_option_arguments(parser, ["freeze_start", "order"])
+    >>> parser.parse_args(["--freeze-start", "0.25"])
+    Namespace(freeze_start=0.25, order='definition')
+
+    ```
+    """
+    for each in _option_fields(options, names):
+        first_sentence = re.split(r"(?<=\.)\s", each.metadata["doc"], maxsplit=1)[0]
+        help_text = first_sentence.replace("`", "").replace("%", "%%")
+        keywords: dict[str, Any] = {"default": each.default, "help": f"{help_text} (default: %(default)s)"}
+        if each.metadata["choices"] is not None:
+            keywords["choices"] = each.metadata["choices"]
+        elif isinstance(each.default, bool):
+            keywords["action"] = argparse.BooleanOptionalAction
+        elif each.default is not None:
+            keywords["type"] = type(each.default)
+        keywords.update(each.metadata["cli"])
+        parser.add_argument("--" + each.name.replace("_", "-"), **keywords)

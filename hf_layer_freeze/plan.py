@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .freezer import LayerFreezer
-from .options import BUDGETS, GRANULARITIES, ORDERS
+from .options import add_option_arguments
 
 __all__ = ["TASKS", "PlanModel", "PlanRow", "build_plan_model", "freeze_plan", "main", "model_source", "plan_rows"]
 
@@ -630,8 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("epoch", "step"),
         help="the callback's freeze_every: 'epoch' goes with --epochs, 'step' with --steps (the default follows them)",
     )
-    plan.add_argument("--freeze-start", type=float, default=0.5)
-    plan.add_argument("--freeze-level", type=float, default=1.0)
+    add_option_arguments(plan, ("freeze_start", "freeze_level", "order", "granularity", "budget"))
     plan.add_argument("--task", choices=tuple(TASKS), help="transformers: the head (default by model type)")
     plan.add_argument(
         "--config-overrides", help="transformers: config values, e.g. num_hidden_layers=4,hidden_size=256"
@@ -644,9 +643,6 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument(
         "--lora-target-modules", help="modules LoRA wraps, e.g. q_proj,v_proj (default: PEFT's for the model type)"
     )
-    plan.add_argument("--order", default="definition", choices=ORDERS)
-    plan.add_argument("--granularity", default="module", choices=GRANULARITIES)
-    plan.add_argument("--budget", default="units", choices=BUDGETS)
     plan.add_argument("--all-epochs", action="store_true", help="one row per epoch, not per freeze event")
     plan.add_argument("--json", help="also write the plan to this JSON file")
     plan.add_argument("--plot", help="draw the plan into this PNG file (needs matplotlib)")
