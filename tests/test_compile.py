@@ -4,6 +4,8 @@ recompile limit."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch._dynamo
@@ -12,9 +14,17 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 
 from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
-from hf_layer_freeze.compiled import invalidate_compiled_code, recompile_limit
+from hf_layer_freeze.compiled import (
+    CompiledCodeInvalidation,
+    check_dynamo_internals,
+    invalidate_compiled_code,
+    missing_dynamo_internals,
+    recompile_limit,
+    resolve_max_freeze_events,
+)
+from hf_layer_freeze.events import FreezeEvent
 
-pytestmark = pytest.mark.slow  # subprocesses, compiles or whole-model FLOP counts: not in `make test-fast`
+slow = pytest.mark.slow  # subprocesses, compiles or whole-model FLOP counts: not in `make test-fast`
 
 
 class CountingBackend:
@@ -83,6 +93,7 @@ def _compiled(route: str, model, backend, monkeypatch):
     return prepared
 
 
+@slow
 @pytest.mark.parametrize("route", ["torch.compile", "module.compile", "accelerate"])
 def test_after_each_freeze_the_compiled_backward_computes_no_frozen_gradient(route, monkeypatch):
     torch._dynamo.reset()
@@ -104,6 +115,7 @@ def test_after_each_freeze_the_compiled_backward_computes_no_frozen_gradient(rou
     assert recorder.backward_grads[0] == len(list(model.parameters())) > recorder.backward_grads[-1]
 
 
+@slow
 def test_trainer_torch_compile_bounds_events_and_steps_without_frozen_gradients(tmp_path, monkeypatch):
     from transformers import (
         TimmWrapperConfig,
@@ -147,6 +159,7 @@ def test_trainer_torch_compile_bounds_events_and_steps_without_frozen_gradients(
     assert {grads for _, graphs in graphs_by_step for grads in graphs} == set(frozen_sets)
 
 
+@slow
 def test_invalidation_leaves_other_compiled_functions_alone():
     torch._dynamo.reset()
     backend = CountingBackend()
@@ -173,6 +186,7 @@ def _loss_and_grads(model, x, y):
     return loss.detach(), grads
 
 
+@slow
 def test_compiled_model_recompiles_once_per_freeze_event_and_matches_eager():
     torch._dynamo.reset()
     eager = tiny_timm("resnet10t")
@@ -210,12 +224,14 @@ def test_compiled_model_recompiles_once_per_freeze_event_and_matches_eager():
     assert backend.compiles <= limit
 
 
+@slow
 def test_too_many_freeze_events_for_a_compiled_model_warn():
     model = torch.compile(tiny_timm(), backend="aot_eager")
     with pytest.warns(UserWarning, match="recompile_limit=8.*Keep max_freeze_events <= 3"):
         LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), max_freeze_events=10)
 
 
+@slow
 def test_max_freeze_events_bounds_distinct_frozen_sets():
     model = tiny_timm()
     freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.0, max_freeze_events=4)
@@ -228,6 +244,7 @@ def test_max_freeze_events_bounds_distinct_frozen_sets():
         LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), max_freeze_events=0)
 
 
+@slow
 def test_recompile_limit_falls_back_to_cache_size_limit_and_names_a_torch_too_old(monkeypatch):
     from types import SimpleNamespace
 
@@ -236,3 +253,58 @@ def test_recompile_limit_falls_back_to_cache_size_limit_and_names_a_torch_too_ol
     monkeypatch.setattr(torch._dynamo, "config", SimpleNamespace())
     with pytest.raises(NotImplementedError, match=r"torch .* has neither .*recompile_limit.*torch >= 2.11"):
         recompile_limit()
+
+
+# Dynamo's internals, checked when built (fast: no compile runs, `torch.compile(model)` only wraps the model).
+DYNAMO_INTERNALS = [
+    ("torch._dynamo", "reset_code", "torch._dynamo.reset_code"),
+    (
+        "torch._dynamo.eval_frame",
+        "_debug_get_cache_entry_list",
+        "torch._dynamo.eval_frame._debug_get_cache_entry_list",
+    ),
+    ("torch._dynamo.resume_execution.ContinueExecutionCache", "cache", "ContinueExecutionCache.cache"),
+]
+
+
+def test_this_torch_has_every_dynamo_internal_the_freezer_uses():
+    assert missing_dynamo_internals() == []
+    check_dynamo_internals()
+
+
+@pytest.mark.parametrize(("owner", "attribute", "named"), DYNAMO_INTERNALS)
+def test_a_missing_dynamo_internal_fails_when_a_compiled_models_freezer_is_built(monkeypatch, owner, attribute, named):
+    monkeypatch.delattr(f"{owner}.{attribute}")
+    message = rf"torch {re.escape(torch.__version__)} lacks .*{re.escape(named)}.* or train the model uncompiled"
+    with pytest.raises(NotImplementedError, match=message):
+        check_dynamo_internals()
+    model = tiny_timm("resnet10t")
+    with pytest.raises(NotImplementedError, match=message):
+        CompiledCodeInvalidation(torch.compile(model))
+    with pytest.raises(NotImplementedError, match=message):
+        CompiledCodeInvalidation(model, compiled=True)  # the Trainer's torch_compile: compiled after the callback
+    with pytest.raises(NotImplementedError, match=message):  # at build, not at the first freeze
+        LayerFreezer(torch.compile(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NotImplementedError, match=message):  # what the callback calls under torch_compile=True
+        resolve_max_freeze_events(model, None, compiled=True)
+
+
+def test_a_missing_dynamo_internal_leaves_an_uncompiled_model_alone(monkeypatch):
+    monkeypatch.delattr("torch._dynamo.eval_frame._debug_get_cache_entry_list")
+    model = tiny_timm("resnet10t")
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.0)
+    assert freezer.update(0.5).frozen_units == freezer.num_units // 2  # the listeners drop nothing, raise nothing
+    listener = CompiledCodeInvalidation(model)
+    model.compile()  # compiled in place after the listener was built: the next freeze event says so
+    with pytest.raises(NotImplementedError, match="_debug_get_cache_entry_list"):
+        listener.on_freeze_event(FreezeEvent(tuple(freezer.units), 1, parameters=tuple(model.parameters())[:1]))
+
+
+def test_a_torch_without_a_recompile_limit_fails_when_a_compiled_models_freezer_is_built(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch._dynamo, "config", SimpleNamespace())
+    with pytest.raises(
+        NotImplementedError, match=r"lacks torch._dynamo.config.recompile_limit \(or cache_size_limit\)"
+    ):
+        CompiledCodeInvalidation(tiny_timm("resnet10t"), compiled=True)

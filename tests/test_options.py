@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import tiny_timm, train_steps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_layer_freeze import LayerFreezer, LayerFreezingCallback, freezable_units
+from hf_layer_freeze import FreezeOptions, LayerFreezer, LayerFreezingCallback, freezable_units
+from hf_layer_freeze.options import (
+    CallbackOptions,
+    CallbackOptionsKwargs,
+    FreezeOptionsKwargs,
+    add_option_arguments,
+    document_options,
+    option,
+)
 from hf_layer_freeze.schedule import num_units_for_budget
 
 
@@ -194,3 +208,156 @@ def test_flops_budget_resumed_before_the_first_forward_profiles_on_it():
     train_steps(model, optimizer, steps=1)  # the first training forward profiles the units
     assert freezer.profiled and freezer.frozen_units == 5
     assert freezer.num_units_at(0.9) > 5
+
+
+# Options once: one definition per option in options.py, which the constructors, their docstrings and plan's flags
+# are derived from.
+
+
+@pytest.mark.parametrize(
+    ("options", "kwargs"), [(FreezeOptions, FreezeOptionsKwargs), (CallbackOptions, CallbackOptionsKwargs)]
+)
+def test_the_kwargs_typeddict_lists_exactly_the_options(options, kwargs):
+    # The TypedDict is the one repetition typing needs: this keeps it from drifting.
+    assert list(typing.get_type_hints(kwargs)) == [f.name for f in dataclasses.fields(options)]
+    assert kwargs.__required_keys__ == frozenset()
+
+
+def test_callback_options_are_the_freezers_and_two_more():
+    names = [f.name for f in dataclasses.fields(CallbackOptions)]
+    assert names == [f.name for f in dataclasses.fields(FreezeOptions)] + ["freeze_every", "keep_frozen"]
+    defaults = CallbackOptions()
+    assert defaults.freeze_options() == FreezeOptions()
+    assert (defaults.freeze_every, defaults.keep_frozen) == ("auto", False)
+
+
+def test_an_unknown_keyword_is_a_one_line_type_error_naming_it_and_the_options():
+    model = tiny_timm()
+    with pytest.raises(TypeError) as freezer_error:
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freez_start=0.1)
+    with pytest.raises(TypeError) as callback_error:
+        LayerFreezingCallback(freeze_start=0.1, keep_frozn=True, cache=True)
+    freezer_message, callback_message = str(freezer_error.value), str(callback_error.value)
+    assert "\n" not in freezer_message and "\n" not in callback_message
+    assert freezer_message.startswith("unexpected keyword argument 'freez_start'; the options are freeze_start, ")
+    assert freezer_message.endswith("cache_activations, cache_max_bytes") and "keep_frozen" not in freezer_message
+    assert callback_message.startswith("unexpected keyword arguments 'keep_frozn', 'cache'; the options are ")
+    assert callback_message.endswith("cache_max_bytes, freeze_every, keep_frozen")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'freeze_every'"):
+        FreezeOptions.from_kwargs(freeze_every="step")  # the callback's, not the freezer's
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"freeze_every": "never"}, r"freeze_every must be one of \('auto', 'epoch', 'step'\), got 'never'"),
+        ({"keep_frozen": 1}, r"keep_frozen must be True or False, got 1"),
+        ({"freeze_start": 1.0}, r"freeze_start must be a number in \[0, 1\), got 1.0"),
+        ({"head": []}, r"head must be None, a module name or a non-empty list of module names"),
+        ({"cache_max_bytes": 0}, r"cache_max_bytes must be an integer >= 1 \(bytes of host memory\), got 0"),
+    ],
+)
+def test_callback_options_keep_their_messages(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LayerFreezingCallback(**kwargs)
+
+
+def test_the_callbacks_state_rebuilds_it_and_is_json_safe():
+    callback = LayerFreezingCallback(freeze_start=0.25, head="fc", freeze_every="step", keep_frozen=True)
+    args = callback.state()["args"]
+    assert json.loads(json.dumps(args)) == args == CallbackOptions(**args).to_dict()
+    assert args["head"] == ["fc"]
+    rebuilt = LayerFreezingCallback(**args)  # what the Trainer does with restore_callback_states_from_checkpoint
+    assert rebuilt.options == callback.options and rebuilt.state() == callback.state()
+    assert (rebuilt.freeze_every, rebuilt.keep_frozen) == ("step", True)
+
+
+@pytest.mark.parametrize(("cls", "options"), [(LayerFreezer, FreezeOptions), (LayerFreezingCallback, CallbackOptions)])
+def test_help_documents_every_option_from_its_definition(cls, options):
+    doc = cls.__doc__
+    args = doc[doc.index("    Args:\n") : doc.index("    Example:\n")]
+    for each in dataclasses.fields(options):
+        assert f"\n        {each.name} (`" in args, each.name
+        assert each.metadata["doc"].split()[-1] in args  # its text, re-wrapped
+    assert "max_freeze_events (`int`, *optional*):" in args
+    assert 'order (`str`, *optional*, defaults to `"definition"`):' in args
+    assert "freeze_batchnorm (`bool`, *optional*, defaults to `False`):" in args
+    assert "cache_max_bytes (`int`, *optional*, defaults to 4 GiB):" in args
+    assert "head (`str` or `list[str]`, *optional*):" in args
+    assert all(len(line) <= 119 for line in doc.splitlines())
+    if cls is LayerFreezer:  # the constructor's own arguments first, then the options, then Raises
+        assert args.index("model (`torch.nn.Module`)") < args.index("optimizer (") < args.index("freeze_start (")
+        assert doc.index("    Args:\n") < doc.index("    Raises:\n") < doc.index("    Example:\n")
+
+
+def test_docs_options_has_a_section_for_every_option():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    headings = " ".join(line for line in text.splitlines() if line.startswith("## "))
+    missing = [f.name for f in dataclasses.fields(CallbackOptions) if f"`{f.name}`" not in headings]
+    assert not missing, f"docs/options.md has no section for {missing}"
+
+
+def test_option_arguments_derive_the_flags_from_the_definitions():
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser, [f.name for f in dataclasses.fields(CallbackOptions)])
+    defaults = vars(parser.parse_args([]))
+    assert CallbackOptions(**{**defaults, "head": None}) == CallbackOptions()
+    given = ["--freeze-start", "0.25", "--order", "execution", "--no-keep-frozen", "--freeze-batchnorm"]
+    given += ["--max-freeze-events", "3", "--head", "fc", "head.fc", "--check-every", "5"]
+    parsed = CallbackOptions.from_kwargs(**vars(parser.parse_args(given)))
+    assert (parsed.freeze_start, parsed.order, parsed.keep_frozen, parsed.freeze_batchnorm) == (
+        0.25,
+        "execution",
+        False,
+        True,
+    )
+    assert (parsed.max_freeze_events, parsed.head, parsed.check_every) == (3, ("fc", "head.fc"), 5)
+    with pytest.raises(ValueError, match=r"names must be options of FreezeOptions .*got \['keep_frozen'\]"):
+        add_option_arguments(argparse.ArgumentParser(), ["keep_frozen"], FreezeOptions)
+
+
+def test_plan_takes_its_option_flags_from_the_definitions(capsys):
+    from hf_layer_freeze import plan
+
+    with pytest.raises(SystemExit):
+        plan.main(["plan", "--help"])
+    usage = capsys.readouterr().out
+    for flag in ("--freeze-start", "--freeze-level", "--order", "--granularity", "--budget"):
+        assert flag in usage
+    assert "{definition,execution}" in usage and "Fraction of training, in [0, 1), after which freezing" in usage
+    with pytest.raises(SystemExit):
+        plan.main(["plan", "--model", "resnet18", "--epochs", "4", "--budget", "time"])
+    assert "argument --budget: invalid choice: 'time'" in capsys.readouterr().err
+
+
+def test_adding_an_option_is_one_definition():
+    """What docs/options.md#adding-an-option describes: an option defined once is validated, documented, typed in
+    `to_dict()` and on the command line, with nothing else written."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class WithWarmup(FreezeOptions):
+        warmup_steps: int = option(0, "Optimizer steps before the schedule's clock starts.", _at_least_zero)
+
+    assert WithWarmup.from_kwargs(warmup_steps=3).to_dict()["warmup_steps"] == 3
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0, got -1"):
+        WithWarmup(warmup_steps=-1)
+
+    @document_options(WithWarmup)
+    class Documented:
+        """
+        A constructor.
+
+        Args:
+            model (`torch.nn.Module`): the model.
+        """
+
+    assert "warmup_steps (`int`, *optional*, defaults to 0):\n" in Documented.__doc__
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser, ["warmup_steps"], WithWarmup)
+    assert parser.parse_args(["--warmup-steps", "7"]).warmup_steps == 7
+
+
+def _at_least_zero(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
