@@ -20,13 +20,7 @@ from .freezer import LayerFreezer
 from .heads import peft_base_model
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
 from .record import ledger_for
-from .schedule import (
-    MIN_EPOCH_FREEZES,
-    freezing_epoch_ends,
-    resolve_freeze_every,
-    updates_at_step,
-    validate_choice,
-)
+from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, updates_at_step, validate_choice
 from .trainer_internals import calling_callback_handler as _calling_callback_handler
 from .trainer_internals import calling_trainer, on_train_exception
 from .wrappers import unwrap_model
@@ -301,13 +295,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # When to update is `schedule.updates_at_step`, the one rule `plan` simulates too.
         adaptive = self.options.schedule == "adaptive"  # checks every `check_every` steps, whatever the epochs
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
-        if updates_at_step(
-            state.global_step,
-            state.max_steps,
-            freezing_by=self._freezing_by,
-            epoch_ended=at_epoch_end,
-            every_step=adaptive,
-        ):
+        by = {"freezing_by": self._freezing_by, "epoch_ended": at_epoch_end, "every_step": adaptive}
+        if updates_at_step(state.global_step, state.max_steps, **by):
             self._update(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
