@@ -20,7 +20,7 @@ from .freezer import LayerFreezer
 from .heads import peft_base_model
 from .options import CallbackOptions, CallbackOptionsKwargs, Unpack, document_options
 from .record import ledger_for
-from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every
+from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, updates_at_step
 from .trainer_internals import calling_callback_handler as _calling_callback_handler
 from .trainer_internals import calling_trainer, on_train_exception
 from .wrappers import unwrap_model
@@ -234,13 +234,16 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # The step that completes an epoch (the Trainer's `state.epoch` is then whole) freezes here rather than in
         # on_epoch_end, which comes after this step's log and checkpoint: the log at this step shows the freeze
         # (the Trainer drops a second log at the same step) and the checkpoint holds it.
+        # When to update is `schedule.updates_at_step`, the one rule `plan` simulates too.
         adaptive = self.options.schedule == "adaptive"  # checks every `check_every` steps, whatever the epochs
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
-        if adaptive or self._freezing_by == "step" or at_epoch_end:
+        by = {"freezing_by": self._freezing_by, "epoch_ended": at_epoch_end, "every_step": adaptive}
+        if updates_at_step(state.global_step, state.max_steps, **by):
             self._update(state, control)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._update(state, control)
+        if updates_at_step(state.global_step, state.max_steps, freezing_by=self._freezing_by, epoch_ended=True):
+            self._update(state, control)
 
     def on_log(self, args, state, control, logs: dict[str, float] | None = None, **kwargs):
         if logs is None or self.freezer is None or not any(k in logs for k in ("loss", "train_loss")):

@@ -18,9 +18,11 @@ __all__ = [
     "freezing_epoch_ends",
     "num_units_for_budget",
     "num_units_to_freeze",
+    "progress_at_step",
     "relative_changes",
     "resolve_freeze_every",
     "settled_prefix",
+    "updates_at_step",
     "validate_choice",
     "validate_freeze_level",
     "validate_freeze_start",
@@ -301,3 +303,68 @@ def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_sta
     if not num_epochs or freezing_epoch_ends(num_epochs, freeze_start) < MIN_EPOCH_FREEZES:
         return "step"
     return "epoch"
+
+
+FREEZING_BY = ("epoch", "step")
+"""What `freeze_every` resolves to (`resolve_freeze_every`): when the callback updates its freezer."""
+
+
+def progress_at_step(step: int, max_steps: int) -> float:
+    """
+    How far a run of `max_steps` optimizer steps has gone after `step` of them: `step / max_steps`, at most 1. The
+    progress `LayerFreezingCallback` gives the schedule (whether training is set by epochs or by `max_steps`).
+
+    Raises:
+        `ValueError`: `max_steps` is not positive.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import progress_at_step
+    >>> progress_at_step(3, 12), progress_at_step(14, 12)
+    (0.25, 1.0)
+
+    ```
+    """
+    if not max_steps or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive integer (the run's optimizer steps), got {max_steps!r}")
+    return min(1.0, step / max_steps)
+
+
+def updates_at_step(
+    step: int, max_steps: int, *, freezing_by: str, epoch_ended: bool = False, every_step: bool = False
+) -> bool:
+    """
+    Whether `LayerFreezingCallback` calls `freezer.update` after optimizer step `step` of a run of `max_steps`: the
+    one timing rule, which the callback follows at each step end and epoch end, and which `plan` simulates.
+
+    Never at or after the last step (a freeze then saves nothing: the model ends as it trained). Before it: at every
+    step when freezing by step, or when the schedule checks every step itself (`every_step`: the adaptive schedule,
+    which counts its own `check_every`); at the steps that end an epoch whatever `freezing_by` says.
+
+    Args:
+        step (`int`): the optimizer steps done (`state.global_step`).
+        max_steps (`int`): the run's planned length in optimizer steps (`state.max_steps`).
+        freezing_by (`str`): `"epoch"` or `"step"`, what `freeze_every` resolved to (`resolve_freeze_every`).
+        epoch_ended (`bool`, *optional*, defaults to `False`): this step ends an epoch.
+        every_step (`bool`, *optional*, defaults to `False`): the schedule decides at every step
+            (`schedule="adaptive"`).
+
+    Returns:
+        `bool`: whether the freezer is updated, at progress `progress_at_step(step, max_steps)`.
+
+    Example:
+
+    ```python
+    >>> from hf_layer_freeze.schedule import updates_at_step
+    >>> [s for s in range(1, 13) if updates_at_step(s, 12, freezing_by="epoch", epoch_ended=s % 4 == 0)]
+    [4, 8]
+    >>> [s for s in range(1, 6) if updates_at_step(s, 5, freezing_by="step")]
+    [1, 2, 3, 4]
+
+    ```
+    """
+    validate_choice("freezing_by", freezing_by, FREEZING_BY)
+    if step >= max_steps:
+        return False
+    return every_step or freezing_by == "step" or epoch_ended

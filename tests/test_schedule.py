@@ -8,11 +8,13 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hf_layer_freeze import freeze_fraction, num_units_to_freeze
-from hf_layer_freeze.schedule import freezing_epoch_ends, resolve_freeze_every
+from hf_layer_freeze.plan_simulation import schedule_changes, update_steps
+from hf_layer_freeze.schedule import freezing_epoch_ends, progress_at_step, resolve_freeze_every, updates_at_step
 
 
 def test_zero_until_freeze_start_then_linear_to_freeze_level():
@@ -123,3 +125,163 @@ def test_auto_is_by_step_when_the_epoch_count_is_unknown():
     assert resolve_freeze_every("auto", None, 0.5) == "step"
     with pytest.raises(ValueError, match=r"num_epochs must be a finite number >= 0, got inf"):
         freezing_epoch_ends(math.inf, 0.5)
+
+
+# The callback's timing rule (`updates_at_step`), and plan's simulation of it against real `Trainer` runs.
+
+
+def test_updates_at_step_never_after_the_last_step_and_by_epoch_only_at_epoch_ends():
+    assert [s for s in range(1, 9) if updates_at_step(s, 8, freezing_by="step")] == list(range(1, 8))
+    ends = [s for s in range(1, 9) if updates_at_step(s, 8, freezing_by="epoch", epoch_ended=s % 3 == 0)]
+    assert ends == [3, 6]  # and not at step 8, the last, were it an epoch end
+    assert not updates_at_step(8, 8, freezing_by="epoch", epoch_ended=True)
+    assert not updates_at_step(9, 8, freezing_by="step", every_step=True)
+    assert updates_at_step(1, 8, freezing_by="epoch", every_step=True)  # the adaptive schedule checks every step
+    assert (progress_at_step(3, 12), progress_at_step(13, 12)) == (0.25, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: updates_at_step(1, 8, freezing_by="auto"),
+            "freezing_by must be one of ('epoch', 'step'), got 'auto'",
+        ),
+        (lambda: progress_at_step(1, 0), "max_steps must be a positive integer (the run's optimizer steps), got 0"),
+    ],
+)
+def test_the_timing_rule_refuses_in_one_line(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+class _TinyNet(torch.nn.Module):
+    """Six linear layers, the units, and a classifier named by timm's rule (`get_classifier()`); the loss as the
+    Trainer expects it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+        self.fc = torch.nn.Linear(8, 2)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x, labels=None):
+        logits = self.fc(self.blocks(x))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def _trainer_freeze_steps(tmp_path, monkeypatch, *, epochs, steps_per_epoch, freeze_every, freeze_start, max_steps=-1):
+    """A real `Trainer` run with the callback: the steps after which its count of frozen units changed, read from
+    `requires_grad` (not the freezer's account), the steps at which the callback's `updates_at_step` said yes, and
+    the callback."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import hf_layer_freeze.callback as callback_module
+    from hf_layer_freeze import LayerFreezingCallback, freezable_units
+
+    class Points(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4 * steps_per_epoch
+
+        def __getitem__(self, index):
+            generator = torch.Generator().manual_seed(index)
+            return {"x": torch.randn(8, generator=generator), "labels": index % 2}
+
+    class FrozenCounts(TrainerCallback):  # listed after the callback: the count after its update at this step
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.units, self.counts = freezable_units(model), [0]
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.counts.append(sum(1 for u in self.units if not any(p.requires_grad for p in u.parameters)))
+
+    said_yes = []
+    shared = callback_module.updates_at_step
+
+    def spy(step, max_steps, **kwargs):
+        answer = shared(step, max_steps, **kwargs)
+        if answer and step not in said_yes:
+            said_yes.append(step)
+        return answer
+
+    callback = LayerFreezingCallback(freeze_start=freeze_start, freeze_level=1.0, freeze_every=freeze_every)
+    counts = FrozenCounts()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=4,
+        use_cpu=True, report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    monkeypatch.setattr(callback_module, "updates_at_step", spy)
+    Trainer(model=_TinyNet(), args=args, train_dataset=Points(), callbacks=[callback, counts]).train()
+    changed = [step for step in range(1, len(counts.counts)) if counts.counts[step] != counts.counts[step - 1]]
+    return changed, said_yes, callback
+
+
+def test_the_callback_and_plan_time_updates_with_the_one_shared_rule():
+    import hf_layer_freeze.callback
+    import hf_layer_freeze.plan_simulation
+    from hf_layer_freeze import schedule
+
+    assert hf_layer_freeze.callback.updates_at_step is schedule.updates_at_step
+    assert hf_layer_freeze.plan_simulation.updates_at_step is schedule.updates_at_step
+    assert hf_layer_freeze.plan_simulation.progress_at_step is schedule.progress_at_step
+
+
+@pytest.mark.parametrize(
+    ("epochs", "steps_per_epoch", "freeze_every", "freeze_start", "max_steps"),
+    [
+        (2, 6, "step", 0.25, -1),  # by step, within epochs
+        (6, 2, "epoch", 0.0, -1),  # at each epoch end but the last
+        (2, 4, "auto", 0.0, -1),  # auto: too few epoch ends, by step
+        (10, 2, "auto", 0.5, -1),  # auto: by epoch
+        (4, 2, "epoch", 0.0, 7),  # max_steps ends inside an epoch: epochs end at 2, 4, 6 and (early) 7
+    ],
+)
+def test_plans_simulated_freeze_steps_are_a_real_trainer_runs(
+    tmp_path, monkeypatch, epochs, steps_per_epoch, freeze_every, freeze_start, max_steps
+):
+    changed, said_yes, callback = _trainer_freeze_steps(
+        tmp_path, monkeypatch, epochs=epochs, steps_per_epoch=steps_per_epoch, freeze_every=freeze_every,
+        freeze_start=freeze_start, max_steps=max_steps,
+    )  # fmt: skip
+    total = max_steps if max_steps > 0 else epochs * steps_per_epoch
+    simulated = update_steps(
+        total, freeze_every=freeze_every, steps_per_epoch=steps_per_epoch, freeze_start=freeze_start
+    )
+    assert said_yes == simulated  # the callback updated exactly where plan simulates an update
+    events = schedule_changes(callback.freezer.num_units_at, total, simulated)
+    assert [step - 1 for step, _ in events[1:]] == changed and len(changed) >= 3  # the count changed there, only
+    assert events[-1][1] == callback.frozen_units
+
+
+@pytest.mark.parametrize(("epochs", "steps_per_epoch", "freeze_every"), [(2, 6, "step"), (6, 2, "epoch")])
+def test_plan_rows_freeze_where_a_real_trainer_run_freezes(
+    tmp_path, monkeypatch, epochs, steps_per_epoch, freeze_every
+):
+    from hf_layer_freeze.plan import PlanModel, plan_rows
+
+    changed, _, callback = _trainer_freeze_steps(
+        tmp_path,
+        monkeypatch,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        freeze_every=freeze_every,
+        freeze_start=0.0,
+    )
+    plan_model = PlanModel(_TinyNet().train(), (torch.zeros(4, 8),))
+    if freeze_every == "step":
+        rows, _ = plan_rows(plan_model, steps=epochs * steps_per_epoch, freeze_start=0.0)
+        planned = [row.step - 1 for row in rows[1:]]  # a row starts at the first step trained with its freeze
+    else:
+        rows, _ = plan_rows(plan_model, epochs=epochs, freeze_start=0.0)
+        planned = [
+            (row.epoch - 1) * steps_per_epoch
+            for previous, row in zip(rows, rows[1:], strict=False)
+            if row.frozen_units != previous.frozen_units
+        ]
+    assert planned == changed and len(changed) >= 3
+    assert rows[-1].frozen_units == callback.frozen_units and rows[0].num_units == callback.freezer.num_units == 6
