@@ -50,16 +50,14 @@ from torch.nn.utils import parametrize
 
 from .batchnorm import keeps_eval_mode
 from .events import FreezeEvent
+from .families import NoCacheCut, cache_cut, cache_support, look_through
 from .forward_hooks import ForeignHook, check_hook_internals, foreign_forward_hooks, foreign_global_forward_hooks
-from .heads import peft_base_model
 from .wrappers import is_compiled, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ActivationCache", "FixedShardSampler", "PrefixLayout", "prefix_layout"]
 
-SUPPORTED_TRANSFORMERS = ("bert", "roberta", "vit", "llama")
-SUPPORTED_TIMM = ("VisionTransformer", "ResNet")
 # Inputs that never reach the frozen prefix, so they are not part of an example's key.
 UNKEYED_INPUTS = ("labels",)
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -91,8 +89,7 @@ class PrefixLayout:
 
 def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
     return NotImplementedError(
-        f"cache_activations=True supports transformers {', '.join(SUPPORTED_TRANSFORMERS)} models (PEFT on them "
-        f"included) and timm {' and '.join(SUPPORTED_TIMM)}; {type(model).__name__} is not among them ({why}). "
+        f"cache_activations=True supports {cache_support()}; {type(model).__name__} is not among them ({why}). "
         "Caching needs a verified cut between the frozen prefix and the rest, where nothing after the cut reads the "
         "prefix's inner values. Train it with cache_activations=False."
     )
@@ -130,40 +127,21 @@ def _layout(root: nn.Module, first: nn.Module, blocks: tuple[nn.Module, ...], us
 
 def prefix_layout(model: nn.Module) -> PrefixLayout:
     """
-    The embeddings-then-blocks layout of a supported model (see the module docstring).
+    The embeddings-then-blocks layout of a supported model (see the module docstring): the cut its family knows
+    (`families/`), seen from the model.
 
     Raises:
         `NotImplementedError`: for any other model, naming what is missing.
     """
     root = unwrap_model(model)
-    inner = peft_base_model(root)
-    from transformers import PreTrainedModel
-
-    for module in inner.modules():
-        if isinstance(module, PreTrainedModel):
-            model_type = getattr(module.config, "model_type", None)
-            if model_type == "timm_wrapper":
-                continue  # TimmWrapperForImageClassification: the timm model inside decides
-            if model_type not in SUPPORTED_TRANSFORMERS:
-                raise _unsupported(module, f"model_type {model_type!r}")
-            classes = set(module._no_split_modules or ())
-            container = next(
-                (
-                    m
-                    for m in module.modules()
-                    if isinstance(m, nn.ModuleList) and len(m) and all(type(b).__name__ in classes for b in m)
-                ),
-                None,
-            )
-            if container is None:
-                raise _unsupported(module, "no ModuleList of the layers its _no_split_modules names")
-            return _layout(root, container, tuple(container), use_cache_input=model_type == "llama")
-        if type(module).__name__ == "VisionTransformer" and isinstance(getattr(module, "blocks", None), nn.Sequential):
-            return _layout(root, module.blocks, tuple(module.blocks))
-        if type(module).__name__ == "ResNet" and all(hasattr(module, f"layer{i}") for i in range(1, 5)):
-            stages = tuple(getattr(module, f"layer{i}") for i in range(1, 5))
-            return _layout(root, stages[0], stages)
-    raise _unsupported(inner, "no transformers or timm model of a supported family inside it")
+    inner = look_through(root)
+    try:
+        cut = cache_cut(inner)
+    except NoCacheCut as refused:
+        raise _unsupported(refused.model, refused.why) from None
+    if cut is None:
+        raise _unsupported(inner, "no transformers or timm model of a supported family inside it")
+    return _layout(root, cut.first, cut.blocks, cut.use_cache_input)
 
 
 def _frozen(module: nn.Module) -> bool:

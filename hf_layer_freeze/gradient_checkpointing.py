@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from torch import nn
 
 from .compiled import has_compiled_code
 from .events import FreezeEvent
+from .families import checkpointed_layer
 from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -47,14 +49,6 @@ def _requiring_grad(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
         return value.detach().requires_grad_()  # a new leaf: only this consumer builds a graph from it
     return value
-
-
-def _transformers_checkpoint_layer() -> type | None:
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # transformers without per-layer checkpointing
-        return None
-    return GradientCheckpointingLayer
 
 
 class _InputsRequireGrad:
@@ -100,20 +94,19 @@ class CheckpointInputGrads:
         from requiring a gradient just the same."""
         self._unwrap_layer()
         self._timm_checkpointing_modules = []
+        # whether the model that checkpoints inside its forward does so re-entrantly now (its family's answer)
+        self._reentrant_now: Callable[[], bool] | None = None
         first = event.first_trainable
         if first is None or all(p.requires_grad for p in self.model.parameters()):
             return  # everything frozen, or nothing: no input to fix
-        layer_type = _transformers_checkpoint_layer()
-        if layer_type is not None:
-            # The outermost transformers layer around the first trainable unit: that is the checkpoint boundary.
-            for module in self.model.modules():
-                if isinstance(module, layer_type) and any(m is first.module for m in module.modules()):
-                    self._layer = module
-                    break
-        if self._layer is not None:
+        # where checkpointing begins around the first trainable unit, as the model's family knows it (`families/`)
+        found = checkpointed_layer(self.model, first.module)
+        if found is not None and found.reentrant is None:
+            self._layer = found.module
             self._wrap_layer_checkpoint_function()
-        else:
-            self._timm_checkpointing_modules = [m for m in self.model.modules() if hasattr(m, "grad_checkpointing")]
+        elif found is not None:  # the model checkpoints inside its own forward
+            self._timm_checkpointing_modules = [found.module]
+            self._reentrant_now = found.reentrant
         if (self._layer is not None or self._timm_checkpointing_modules) and self._handle is None:
             self._handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
@@ -140,14 +133,8 @@ class CheckpointInputGrads:
             self._layer = None
 
     def _timm_reentrant_checkpointing(self) -> bool:
-        """Whether a timm model inside the model checkpoints its blocks, re-entrantly."""
-        if not any(m.grad_checkpointing is True for m in self._timm_checkpointing_modules):
-            return False
-        try:
-            from timm.layers import use_reentrant_ckpt
-        except ImportError:  # a timm too old to say: it checkpointed re-entrantly
-            return True
-        return bool(use_reentrant_ckpt())
+        """Whether the model checkpoints inside its forward (timm's blocks), re-entrantly, now."""
+        return bool(self._timm_checkpointing_modules) and self._reentrant_now is not None and self._reentrant_now()
 
     def close(self) -> None:
         """Remove the hook, and give the layer back its own checkpoint function."""

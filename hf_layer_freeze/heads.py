@@ -3,22 +3,21 @@
 Head detection is a list of resolvers tried in order, each reading what the model says of itself (the timm way:
 ask the model first, guess last, and say when guessing):
 
-1. the `head` option: module names the user gives;
-2. PEFT: a `PeftModel` is looked through to the model it wraps (`get_base_model()`), so the rules below apply to
-   the model inside (the `modules_to_save` copy of a classifier sits where the classifier sat: it is head);
-3. timm: the outermost module with a `get_classifier()` names its classifier;
-4. transformers: everything outside the outermost `PreTrainedModel`'s `base_model` (RoBERTa's two-layer
+1. the `head` option: module names the user gives (final when given);
+2. each model family (`families/`): a wrapper is looked through first (PEFT: a `PeftModel`'s `get_base_model()`, so
+   the `modules_to_save` copy of a classifier sits where the classifier sat: it is head), then each family names
+   the head of the models it knows: timm the classifier of the outermost module with a `get_classifier()`;
+   transformers everything outside the outermost `PreTrainedModel`'s `base_model` (RoBERTa's two-layer
    `classifier`, DeiT's and LeViT's distillation heads, a causal LM's `lm_head`, tied to the input embedding or not,
-   BART's `lm_head`). A model that is its own base model (`T5ForConditionalGeneration`, `EncoderDecoderModel`,
-   `VisionEncoderDecoderModel`) names its output projection with `get_output_embeddings()` (T5's `lm_head`), and
-   the transformers models inside it have their own heads by this rule (an `EncoderDecoderModel`'s
-   `BertLMHeadModel` decoder: its whole `cls` prediction head);
-5. a user's module around a backbone (a `BertModel`, a headless timm model, a transformers model with its own
-   head): what lies outside the backbone is head, joined with the backbone's own head by rules 3 and 4.
-
-Rules 3 to 5 are joined: a `TimmWrapperForImageClassification` is a transformers model whose classifier only timm
-names. When none applies, the caller keeps the last module owning trainable parameters as head and warns naming it
-(`Head.rule` is `None`).
+   BART's `lm_head`), or, for a model that is its own base model (`T5ForConditionalGeneration`,
+   `EncoderDecoderModel`, `VisionEncoderDecoderModel`), the output projection `get_output_embeddings()` names (T5's
+   `lm_head`) and the heads of the transformers models inside it (an `EncoderDecoderModel`'s `BertLMHeadModel`
+   decoder: its whole `cls` prediction head);
+3. generic: a user's module around backbones (a `BertModel`, a headless timm model, a transformers model with its
+   own head): what lies outside every family's backbones is head, joined with the backbones' own heads (rule 2:
+   a `TimmWrapperForImageClassification` is a transformers model whose classifier only timm names);
+4. when the caller says what trains (`freezable_units` does) and no rule names a head: the last module owning a
+   trainable parameter stands in for it, with a warning naming it (`Head.rule` is `None`).
 
 A parameter the head holds is the head's wherever else it sits: an input embedding tied to the output projection
 (T5's `shared`, BART's `shared`, a BERT decoder's word embeddings) is in no unit and never freezes.
@@ -26,13 +25,14 @@ A parameter the head holds is the head's wherever else it sits: an input embeddi
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PreTrainedModel
 
+from .families import grouped_modules, head_answers, look_through
+from .families.peft import peft_base_model
 from .wrappers import unwrap_model
 
 __all__ = ["Head", "classifier_modules", "find_head", "peft_base_model"]
@@ -65,23 +65,17 @@ class Head:
         return {id(m) for module in self.modules for m in module.modules()}
 
 
-def peft_base_model(model: nn.Module) -> nn.Module:
-    """The model a PEFT `PeftModel` wraps (PEFT's own `get_base_model()`), or `model` itself."""
-    peft = sys.modules.get("peft")  # no PEFT imported: no PeftModel can exist
-    if peft is not None and isinstance(model, peft.PeftModel):
-        return model.get_base_model()
-    return model
-
-
 def _owning(modules: Sequence[nn.Module]) -> tuple[nn.Module, ...]:
     """Distinct modules that own at least one parameter, in order."""
     kept = {id(m): m for m in modules if any(True for _ in m.parameters())}
     return tuple(kept.values())
 
 
-def _head_from_names(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module, ...]:
-    """The modules named `names`, looked up in `model`, else in the model PEFT wraps."""
-    inner = peft_base_model(model)
+def _by_head_option(model: nn.Module, names: Sequence[str] | None, trainable: set[int] | None) -> Head | None:
+    """Rule 1: the modules named `names`, looked up in `model`, else in the model a wrapper family wraps."""
+    if not names:
+        return None
+    inner = look_through(model)
     modules = []
     for name in names:
         found = None
@@ -97,71 +91,17 @@ def _head_from_names(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module,
                 f"{type(model).__name__} (names as in model.named_modules(), e.g. 'classifier')"
             )
         modules.append(found)
-    return tuple(modules)
+    return Head(_owning(modules), "head option")
 
 
-def _timm_head(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
-    """The classifier named by the outermost timm `get_classifier()`, and that timm model (or `None`)."""
-    for module in model.modules():
-        get_classifier = getattr(module, "get_classifier", None)
-        if not callable(get_classifier):
-            continue
-        try:
-            head = get_classifier()
-        except (AttributeError, NotImplementedError, TypeError):
-            continue
-        found = [h for h in (head if isinstance(head, (tuple, list)) else (head,)) if isinstance(h, nn.Module)]
-        return found, module
-    return [], None
-
-
-def _outermost_pretrained(model: nn.Module, below: bool = False) -> list[PreTrainedModel]:
-    """The outermost transformers `PreTrainedModel`s in `model` (`model` itself if it is one, unless `below`)."""
-    found: list[PreTrainedModel] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if (below and module is model) or any(name.startswith(prefix) for prefix in inside):
-            continue
-        if isinstance(module, PreTrainedModel):
-            found.append(module)
-            inside.append(f"{name}." if name else "")
-    return found
-
-
-def find_head(model: nn.Module, names: Sequence[str] | None = None) -> Head:
-    """
-    The head of `model` by the first rule that applies (see the module docstring).
-
-    Args:
-        model (`torch.nn.Module`): the model, bare or wrapped (DDP, `torch.compile`, PEFT).
-        names (`Sequence[str]`, *optional*): the `head` option: module names, as in `model.named_modules()` of the
-            unwrapped model or of the model PEFT wraps.
-
-    Returns:
-        `Head`: its modules that own parameters and the rule that named them (`rule=None`: no rule applied).
-
-    Raises:
-        `ValueError`: a name that is no module of the model.
-    """
-    model = unwrap_model(model)
-    if names:
-        return Head(_owning(_head_from_names(model, names)), "head option")
-    model = peft_base_model(model)
-    heads: list[nn.Module] = []
-    rules: list[str] = []
-    timm_heads, timm_model = _timm_head(model)
-    # A head without parameters says "no head" only of the model itself (timm's num_classes=0); a headless
-    # backbone inside a user's module says nothing of the user's own classifier.
-    if any(True for h in timm_heads for _ in h.parameters()) or timm_model is model:
-        heads += timm_heads
-        rules.append("timm get_classifier()")
-    backbones: list[nn.Module] = _outermost_pretrained(model)
-    for pretrained in backbones:
-        found, named_by = _transformers_head(pretrained)
-        heads += found
-        rules += named_by
-    if timm_model is not None and not any(timm_model is b or _contains(b, timm_model) for b in backbones):
-        backbones.append(timm_model)
+def _by_families(model: nn.Module, names: Sequence[str] | None, trainable: set[int] | None) -> Head | None:
+    """Rules 2 and 3, joined: each family's head of the model inside the wrappers, and what lies outside their
+    backbones."""
+    model = look_through(model)
+    answers = head_answers(model)
+    heads = [m for answer in answers for m in answer.modules]
+    rules = [r for answer in answers for r in answer.rules]
+    backbones = [b for answer in answers for b in answer.backbones]
     if backbones and not any(b is model for b in backbones):
         # A user's module around backbones: what lies outside them is head.
         backbone_module_ids = {id(m) for b in backbones for m in b.modules()}
@@ -174,34 +114,90 @@ def find_head(model: nn.Module, names: Sequence[str] | None = None) -> Head:
             heads += outside
             rules.append("outside the backbone")
     if not rules:
-        return Head((), None)
+        return None
     return Head(_owning(heads), " + ".join(dict.fromkeys(rules)))
 
 
-def _transformers_head(pretrained: PreTrainedModel) -> tuple[list[nn.Module], list[str]]:
-    """The head of a transformers model by rule 4, and the rules that named it (none: no head found)."""
-    base = getattr(pretrained, "base_model", None)
-    if isinstance(base, nn.Module) and base is not pretrained:
-        return [child for child in pretrained.children() if child is not base], ["transformers base_model"]
-    # Its own base model: an encoder-decoder that holds its output projection (T5) or models holding theirs.
-    heads: list[nn.Module] = []
-    rules: list[str] = []
-    try:
-        output = pretrained.get_output_embeddings()
-    except (AttributeError, NotImplementedError, TypeError):  # models without output embeddings may raise
-        output = None
-    if isinstance(output, nn.Module) and output is not pretrained and _contains(pretrained, output):
-        heads.append(output)
-        rules.append("transformers get_output_embeddings()")
-    for inner in _outermost_pretrained(pretrained, below=True):
-        found, named_by = _transformers_head(inner)
-        heads += found
-        rules += named_by
-    return heads, rules
+def _by_last_owner(model: nn.Module, names: Sequence[str] | None, trainable: set[int] | None) -> Head | None:
+    """Rule 4: the last module owning a trainable parameter (the group around it, such as a PEFT tuner layer),
+    with a warning naming it; only when the caller says what trains."""
+    if trainable is None:
+        return None
+    last = _last_owner(model, {id(m) for m in grouped_modules(model)}, trainable)
+    if last is None:
+        return None
+    # its parameters, shared ones included, are the head's: an output projection tied to the input embedding stays
+    # out of the embedding's unit
+    name, module = last
+    warnings.warn(
+        f"No rule names the head of {type(model).__name__} (no head option, timm get_classifier(), transformers "
+        f"base_model or get_output_embeddings(), backbone inside it), so its last module owning trainable "
+        f"parameters, {name or '<root>'!r}, is taken as the head and never frozen. Name the head with "
+        "head=[...] to choose.",
+        stacklevel=4,  # the caller of freezable_units (find_head, then freezable_units, in between)
+    )
+    return Head((module,), None)
 
 
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
+def _last_owner(model: nn.Module, group_ids: set[int], trainable: set[int]) -> tuple[str, nn.Module] | None:
+    """The last module in pre-order directly owning a trainable parameter, shared ones included (a group, such as
+    a PEFT tuner layer, for the modules inside it), with its name; `None` when nothing trains."""
+    last = None
+    group: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if group is not None and not name.startswith(f"{group[0]}."):
+            group = None
+        if group is None and id(module) in group_ids:
+            group = (name, module)
+        if any(id(p) in trainable for p in module.parameters(recurse=False)):
+            last = group or (name, module)
+    return last
+
+
+# The resolvers, in order: the first that names a head decides.
+HEAD_RESOLVERS: tuple[Callable[[nn.Module, Sequence[str] | None, set[int] | None], Head | None], ...] = (
+    _by_head_option,
+    _by_families,
+    _by_last_owner,
+)
+
+
+def find_head(
+    model: nn.Module, names: Sequence[str] | None = None, *, trainable: Iterable[nn.Parameter] | None = None
+) -> Head:
+    """
+    The head of `model` by the first rule that applies (see the module docstring).
+
+    Args:
+        model (`torch.nn.Module`): the model, bare or wrapped (DDP, `torch.compile`, PEFT).
+        names (`Sequence[str]`, *optional*): the `head` option: module names, as in `model.named_modules()` of the
+            unwrapped model or of the model PEFT wraps.
+        trainable (`Iterable[torch.nn.Parameter]`, *optional*): the parameters that train; given, the last module
+            owning one of them stands in for the head when no other rule names one, with a warning (rule 4).
+
+    Returns:
+        `Head`: its modules that own parameters and the rule that named them (`rule=None`: no rule applied).
+
+    Raises:
+        `ValueError`: a name that is no module of the model.
+
+    Example:
+
+    ```python
+    >>> import timm
+    >>> from hf_layer_freeze import find_head
+    >>> find_head(timm.create_model("resnet10t", pretrained=False, num_classes=10)).rule
+    'timm get_classifier()'
+
+    ```
+    """
+    model = unwrap_model(model)
+    trainable_ids = None if trainable is None else {id(p) for p in trainable}
+    for resolve in HEAD_RESOLVERS:
+        head = resolve(model, names, trainable_ids)
+        if head is not None:
+            return head
+    return Head((), None)
 
 
 def classifier_modules(model: nn.Module, names: Sequence[str] | None = None) -> list[nn.Module]:

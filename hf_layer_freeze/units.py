@@ -10,14 +10,13 @@ features are still being fitted for.
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from .heads import Head, find_head, peft_base_model
+from .families import ParameterGroups, block_answers, block_support, grouped_modules, look_through
+from .heads import Head, find_head
 from .options import GRANULARITIES
 from .schedule import validate_choice
 from .wrappers import unwrap_model
@@ -61,51 +60,22 @@ class FreezableUnit:
         return list(owners.values())
 
 
-def _timm_model_with_groups(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The outermost (name, module) of `model` with a timm `group_matcher()`."""
-    for name, module in model.named_modules():
-        # on the class: a PeftModel forwards unknown attributes to the model it wraps
-        if callable(getattr(type(module), "group_matcher", None)):
-            return name, module
-    return None
-
-
 def _block_units(model: nn.Module, head: Head, trainable: set[int]) -> list[FreezableUnit]:
-    """Blocks by the model's own word: timm's `group_matcher()`, else transformers' `_no_split_modules`."""
-    found = _timm_model_with_groups(model)
-    if found is not None:
-        return _timm_block_units(model, found, head.parameter_ids, trainable)
-    block_classes = {
-        name
-        for module in model.modules()
-        if isinstance(getattr(module, "_no_split_modules", None), (list, tuple, set))
-        for name in module._no_split_modules
-    }
-    # a "block" that is the whole model splits nothing (TimmWrapperModel lists itself)
-    whole = {id(model), id(getattr(model, "base_model", model)), id(peft_base_model(model))}
-    blocks = [
-        m
-        for m in model.modules()
-        if type(m).__name__ in block_classes and id(m) not in whole and id(m) not in head.module_ids
-    ]
-    if not blocks:
-        raise ValueError(
-            f"granularity='block' needs a timm model with group_matcher() or a transformers model whose "
-            f"_no_split_modules name its layers (got {type(model).__name__}, which has neither); use "
-            "granularity='module'"
-        )
-    block_ids = {id(m) for m in blocks} | _tuner_layer_ids(model)
-    return _walk_units(model, block_ids, head, trainable)
-
-
-def _tuner_layer_ids(model: nn.Module) -> set[int]:
-    """Ids of the PEFT tuner layers in `model` (a LoRA layer holds its adapters' A and B matrices, and more)."""
-    peft = sys.modules.get("peft")  # no PEFT imported: no tuner layer can exist
-    if peft is None:
-        return set()
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+    """Blocks by the model's own word: the first family's answer that holds a block (timm's `group_matcher()`,
+    transformers' `_no_split_modules`)."""
+    # a "block" that is the whole model, or the model a wrapper wraps, splits nothing
+    whole = {id(model), id(look_through(model))}
+    for answer in block_answers(model):
+        if isinstance(answer, ParameterGroups):
+            return _group_units(model, answer, head.parameter_ids, trainable)
+        blocks = [m for m in answer if id(m) not in whole and id(m) not in head.module_ids]
+        if blocks:
+            block_ids = {id(m) for m in blocks} | {id(m) for m in grouped_modules(model)}
+            return _walk_units(model, block_ids, head, trainable)
+    raise ValueError(
+        f"granularity='block' needs {block_support()} (got {type(model).__name__}, which has neither); use "
+        "granularity='module'"
+    )
 
 
 def _walk_units(model: nn.Module, group_ids: set[int], head: Head, trainable: set[int]) -> list[FreezableUnit]:
@@ -134,17 +104,16 @@ def _walk_units(model: nn.Module, group_ids: set[int], head: Head, trainable: se
     return units
 
 
-def _timm_block_units(
-    model: nn.Module, found: tuple[str, nn.Module], head_param_ids: set[int], trainable: set[int]
+def _group_units(
+    model: nn.Module, found: ParameterGroups, head_param_ids: set[int], trainable: set[int]
 ) -> list[FreezableUnit]:
-    from timm.models import group_parameters
-
-    prefix, timm_model = found
-    prefix = f"{prefix}." if prefix else ""
+    """One unit per group of parameter names that holds a trainable parameter, named for the module common to its
+    parameters; parameters of `model` outside the module declaring the groups become module units, in place."""
+    prefix = f"{found.root}." if found.root else ""
     params = dict(model.named_parameters())
     seen: set[int] = set(head_param_ids)
     units = []
-    for _, names in sorted(group_parameters(timm_model, timm_model.group_matcher(coarse=False)).items()):
+    for names in found.groups:
         kept = []
         for name in names:
             param = params.get(prefix + name)
@@ -158,7 +127,7 @@ def _timm_block_units(
         common = _common_module_prefix([prefix + n for n in names if id(params.get(prefix + n)) not in head_param_ids])
         module = model.get_submodule(common) if common else model
         units.append(FreezableUnit(common, module, tuple(n for n, _ in kept), tuple(p for _, p in kept)))
-    # Parameters of `model` outside the timm model (a wrapper's own layers) become module units, in place.
+    # Parameters of `model` outside the module declaring the groups (a wrapper's own layers) become module units.
     outside = [
         (n, p) for n, p in params.items() if id(p) in trainable and id(p) not in seen and not n.startswith(prefix)
     ]
@@ -234,39 +203,10 @@ def freezable_units(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validate_choice("granularity", granularity, GRANULARITIES)
     model = unwrap_model(model)
-    found = find_head(model, head)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad} | {id(p) for p in held}
+    trainable_params = [p for p in model.parameters() if p.requires_grad] + list(held)
+    trainable = {id(p) for p in trainable_params}
     if granularity == "block":
-        return _block_units(model, found, trainable)
-    groups = _tuner_layer_ids(model)
-    if found.rule is None:
-        last = _last_owner(model, groups, trainable)
-        if last is None:
-            return []
-        # no rule names a head: the last module owning trainable parameters stands in for it, with the parameters
-        # it shares (an output projection tied to the input embedding stays out of the embedding's unit)
-        name, module = last
-        found = Head((module,), None)
-        warnings.warn(
-            f"No rule names the head of {type(model).__name__} (no head option, timm get_classifier(), transformers "
-            f"base_model or get_output_embeddings(), backbone inside it), so its last module owning trainable "
-            f"parameters, {name or '<root>'!r}, is taken as the head and never frozen. Name the head with "
-            "head=[...] to choose.",
-            stacklevel=2,
-        )
-    return _walk_units(model, groups, found, trainable)
-
-
-def _last_owner(model: nn.Module, group_ids: set[int], trainable: set[int]) -> tuple[str, nn.Module] | None:
-    """The last module in pre-order directly owning a trainable parameter, shared ones included (a group, such as
-    a PEFT tuner layer, for the modules inside it), with its name; `None` when nothing trains."""
-    last = None
-    group: tuple[str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if group is not None and not name.startswith(f"{group[0]}."):
-            group = None
-        if group is None and id(module) in group_ids:
-            group = (name, module)
-        if any(id(p) in trainable for p in module.parameters(recurse=False)):
-            last = group or (name, module)
-    return last
+        return _block_units(model, find_head(model, head), trainable)
+    # no rule names a head: the last module owning trainable parameters stands in for it, with a warning
+    found = find_head(model, head, trainable=trainable_params)
+    return _walk_units(model, {id(m) for m in grouped_modules(model)}, found, trainable)
