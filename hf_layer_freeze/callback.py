@@ -230,7 +230,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
                 self.freeze_every, epochs, state.max_steps, self.freeze_start, self.freeze_level
             )
             if coarse is not None:
-                warnings.warn(coarse, stacklevel=2)
+                warnings.warn(coarse, stacklevel=1)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         resume_freeze(self, self.freezer, state, self._progress(state), self._freezing_by)
         for given in self._replaced:

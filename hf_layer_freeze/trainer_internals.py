@@ -154,7 +154,7 @@ def replaced_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
             "restore_callback_states_from_checkpoint=True: the Trainer replaced your LayerFreezingCallback by one "
             f"rebuilt from the checkpoint, whose options are in force: {changed} (the value you gave in "
             "brackets). To train with your options, resume without restore_callback_states_from_checkpoint.",
-            stacklevel=3,
+            stacklevel=2,
         )
     return given[:1]
 
