@@ -1,38 +1,35 @@
-"""`LayerFreezingCallback`: progressive layer freezing for the Hugging Face `Trainer`."""
+"""`LayerFreezingCallback`: progressive layer freezing for the Hugging Face `Trainer`.
+
+The Trainer glue, thin: it reads progress from the Trainer, decides when to call the freezer's `update`, logs, and
+delegates the rest: resuming from a checkpoint to `trainer_resume.py`, every Trainer internal it must touch to
+`trainer_internals.py`, and what is frozen to the freezer, which it asks.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import statistics
-import sys
 import warnings
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_callback import ExportableState
 
 from .compiled import resolve_max_freeze_events
-from .freezer import LayerFreezer
-from .heads import peft_base_model
+from .freezer import FreezeResult, LayerFreezer
 from .options import CallbackOptions, CallbackOptionsKwargs, Unpack, document_options
-from .record import ledger_for
-from .schedule import MIN_EPOCH_FREEZES, freezing_epoch_ends, resolve_freeze_every, updates_at_step
-from .trainer_internals import calling_callback_handler as _calling_callback_handler
-from .trainer_internals import calling_trainer, on_train_exception
+from .schedule import coarse_epochs_warning, resolve_freeze_every, updates_at_step
+from .trainer_internals import attach_to_trainer, planned_epochs, replaced_callbacks
+from .trainer_resume import give_back_kept_frozen, resume_freeze
 from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerFreezingCallback"]
 
-# The callbacks the user gave each Trainer (by its callback handler), recorded at `on_init_end`: with
-# `restore_callback_states_from_checkpoint=True` the Trainer replaces them by callbacks rebuilt from the checkpoint,
-# and the rebuilt one finds here what the user asked for, to say what changed and to report back to the user's object.
-_GIVEN_CALLBACKS: weakref.WeakKeyDictionary[CallbackHandler, list[LayerFreezingCallback]] = weakref.WeakKeyDictionary()
 
 
 @document_options(CallbackOptions)
@@ -93,8 +90,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         freeze_every, keep_frozen = given.freeze_every, given.keep_frozen
         self.freeze_every = freeze_every
         self.keep_frozen = keep_frozen
-        self._frozen_at_end: int | None = None
-        self._result_at_end = None  # the freezer's result when training ended, before the hand-back
+        # The one snapshot of what is frozen: what training ended with, which must outlive the hand-back (the freezer
+        # then holds nothing frozen). While training, the freezer is asked.
+        self._result_at_end: FreezeResult | None = None
         self._freezing_by = "epoch" if freeze_every == "epoch" else "step"  # "auto" is decided in on_train_begin
         self._last_forced_log: int | None = None
         self._replaced: list[LayerFreezingCallback] = []  # the user's callbacks this one stands in for
@@ -126,12 +124,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         return self.saved_gradient_norms
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        handler = self._run_before_other_callbacks()
-        if handler is not None:
-            _GIVEN_CALLBACKS.setdefault(handler, []).append(self)
-        trainer = calling_trainer(self)
-        if trainer is not None:  # no on_train_end comes when train() raises: give the model back then too
-            on_train_exception(trainer, self._end_after_exception)
+        # run first; no on_train_end comes when train() raises: give the model back then too
+        attach_to_trainer(self, on_exception=self._end_after_exception)
 
     def on_train_begin(
         self,
@@ -142,7 +136,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs,
     ):
-        handler = self._run_before_other_callbacks()
         if model is None or optimizer is None:
             raise ValueError("LayerFreezingCallback needs the Trainer's model and optimizer in on_train_begin")
         if self.freezer is not None and not self.freezer.closed:
@@ -155,16 +148,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             )
             self.freezer.unfreeze()
             self.freezer.close()
-        self._frozen_at_end = None
-        if state.global_step > 0:  # a resume starts from its checkpoint's freeze, not from what a run kept frozen
-            kept = ledger_for(peft_base_model(unwrap_model(model))).give_back_kept()
-            if kept:
-                logger.warning(
-                    "LayerFreezingCallback: resuming from a checkpoint; gave back the %d parameter tensors an earlier "
-                    "run in this process left frozen (keep_frozen=True), so the checkpoint's freeze is applied to the "
-                    "model as it was given.",
-                    len(kept),
-                )
+        self._result_at_end = None
+        give_back_kept_frozen(unwrap_model(model), state)  # a resume starts from its checkpoint's freeze
         options = self.options.to_dict()
         if args.torch_compile:  # the Trainer compiles the model after handing it to callbacks: bound the recompiles
             options["max_freeze_events"] = resolve_max_freeze_events(
@@ -172,32 +157,25 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             )
         self.freezer = LayerFreezer(model, optimizer, **options)
         logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
-        self._report_replaced_callbacks(handler)
-        self._freezing_by = resolve_freeze_every(self.freeze_every, _planned_epochs(state), self.freeze_start)
+        self._replaced = replaced_callbacks(self)
+        epochs = planned_epochs(state)
+        self._freezing_by = resolve_freeze_every(self.freeze_every, epochs, self.freeze_start)
         self._last_forced_log = None
         if self.freeze_every == "auto" and self.options.schedule == "linear":
             logger.info(
                 "freeze_every='auto': freezing by %s (%s epoch(s) of %d steps).",
                 self._freezing_by,
-                _planned_epochs(state) or "an unknown number of",
+                epochs or "an unknown number of",
                 state.max_steps,
             )
-        self._warn_if_epochs_are_too_coarse(state)
-        # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
-        if state.global_step > 0:
-            self._warn_if_options_changed_since_checkpoint(state)
-        at_resume = self._units_at_resume(state)
-        if at_resume > self.freezer.num_units:
-            raise ValueError(
-                f"resume_from_checkpoint: the checkpoint froze {at_resume} units, but this model has "
-                f"{self.freezer.num_units} freezable units now (parameters frozen since, outside "
-                "LayerFreezingCallback, are not its units): resume on the model as it was given when that run began"
+        if self.options.schedule != "adaptive":  # the adaptive schedule checks every `check_every` steps
+            coarse = coarse_epochs_warning(
+                self.freeze_every, epochs, state.max_steps, self.freeze_start, self.freeze_level
             )
-        self.freezer.freeze_units(at_resume)
-        if self.freezer.gradient_norms is not None and state.global_step > 0:
-            saved = self._saved_attribute(state, "saved_gradient_norms")
-            if saved is not None:  # the adaptive schedule's history: the next check compares as it would have
-                self.freezer.gradient_norms.load_state_dict(saved)
+            if coarse is not None:
+                warnings.warn(coarse, stacklevel=1)
+        # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
+        resume_freeze(self, self.freezer, state, self._progress(state), self._freezing_by)
         for given in self._replaced:
             given.freezer = self.freezer
 
@@ -213,16 +191,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """Record what training ended with, give the model back (unless `keep_frozen`), release every hook."""
         if self.freezer is None or self.freezer.closed:
             return
-        self._frozen_at_end = self.frozen_units
         self._result_at_end = self.freezer.result()  # what training ended with, before the hand-back
         for given in self._replaced:
-            given._frozen_at_end, given._result_at_end = self._frozen_at_end, self._result_at_end
+            given._result_at_end = self._result_at_end
         if give_back or not self.keep_frozen:
             self.freezer.unfreeze()
             logger.info(
                 "%s with %d units frozen; gave them back. Parameters frozen before training stay frozen.",
                 how,
-                self._frozen_at_end,
+                self._result_at_end.frozen_units,
             )
         self.freezer.close()
 
@@ -259,15 +236,15 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         Units frozen so far, counting a freeze that waits for the first forward pass (what a checkpoint keeps); after
         training, the units that were frozen when it ended (even if they were unfrozen since).
         """
-        if self._frozen_at_end is not None:
-            return self._frozen_at_end
-        return 0 if self.freezer is None else self.freezer.state_dict()["frozen_units"]
+        if self._result_at_end is not None:
+            return self._result_at_end.frozen_units
+        return 0 if self.freezer is None else self.freezer.frozen_units
 
     def metrics(self) -> dict[str, float]:
         """The values this callback logs, under the `layer_freeze/` namespace."""
         if self.freezer is None:
             return {}
-        result = self._result_at_end if self._frozen_at_end is not None else self.freezer.result()
+        result = self._result_at_end or self.freezer.result()
         metrics = {
             "layer_freeze/fraction": result.fraction,
             "layer_freeze/frozen_units": self.frozen_units,
@@ -302,153 +279,12 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             control.should_log = True
             self._last_forced_log = state.global_step
 
-    def _warn_if_epochs_are_too_coarse(self, state: TrainerState) -> None:
-        """With `freeze_every="epoch"` asked for, a run of few epochs freezes at few epoch ends, or at none (a
-        `max_steps` shorter than an epoch): say so before training, with the next step. ("auto" chose for itself.)"""
-        epochs = _planned_epochs(state)
-        adaptive = self.options.schedule == "adaptive"
-        if adaptive or self.freeze_every != "epoch" or self.options.freeze_level == 0:
-            return
-        if epochs is None:
-            warnings.warn(
-                "LayerFreezingCallback(freeze_every='epoch'): the Trainer does not know how long an epoch is (the "
-                f"training dataset has no __len__, e.g. a streaming IterableDataset, trained for max_steps="
-                f"{state.max_steps}), so it freezes only where a pass over the data ends, and a stream that lasts "
-                "the whole run freezes nothing. Use freeze_every='step' (or 'auto', which chooses it here) to follow "
-                "the schedule by step.",
-                stacklevel=2,
-            )
-            return
-        ends = freezing_epoch_ends(epochs, self.options.freeze_start)
-        if ends < 2:
-            warnings.warn(
-                f"LayerFreezingCallback(freeze_every='epoch') in a run of {epochs} epoch(s) and {state.max_steps} "
-                f"steps freezes at {ends} epoch end(s) before training ends (a freeze after the last step saves "
-                "nothing and is not made). Use freeze_every='auto' (by step below "
-                f"{MIN_EPOCH_FREEZES} freezing epoch ends) or 'step' to follow the schedule within epochs.",
-                stacklevel=2,
-            )
-
     @staticmethod
     def _progress(state: TrainerState) -> float:
         if not state.max_steps or state.max_steps <= 0:
             raise ValueError(f"state.max_steps must be positive to compute training progress, got {state.max_steps}")
         return min(1.0, state.global_step / state.max_steps)
 
-    def _units_at_resume(self, state: TrainerState) -> int:
-        """How many units were frozen at the step training (re)starts from."""
-        if state.global_step == 0:
-            return 0
-        saved = self._saved_attribute(state, "saved_frozen_units")
-        units = None if saved is None else int(saved)
-        if self.options.schedule == "adaptive":  # no schedule to recompute: only the checkpoint knows
-            return units or 0
-        if self.options.budget == "flops" and not self.freezer.profiled:
-            from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
-        else:
-            from_schedule = self.freezer.num_units_at(self._progress(state))
-        if units is None:
-            # A checkpoint saved without this callback: the schedule is the best guess.
-            return from_schedule
-        if self._freezing_by == "step":
-            return max(units, from_schedule)
-        # A checkpoint saved at an epoch's last step may precede that epoch's on_epoch_end; resumption will not
-        # run it, so apply what it would have frozen.
-        at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
-        return max(units, from_schedule) if at_epoch_end else units
-
-    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
-        """What this callback saved in the checkpoint's `trainer_state.json` (its `state()`), if anything."""
-        saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
-        if isinstance(saved, list):  # several callbacks of this class: take ours by its arguments
-            saved = next((s for s in saved if s.get("args") == self.state()["args"]), None)
-        return saved or None
-
-    def _saved_attribute(self, state: TrainerState, name: str) -> Any:
-        """
-        An attribute of `state()` the checkpoint holds: set on this callback by the Trainer when
-        `restore_callback_states_from_checkpoint=True` rebuilt it, otherwise read from `trainer_state.json`; `None`
-        when the checkpoint has none.
-        """
-        value = getattr(self, name)
-        if value is None:
-            saved = self._saved_state(state)
-            value = saved.get("attributes", {}).get(name) if saved else None
-        return value
-
-    def _warn_if_options_changed_since_checkpoint(self, state: TrainerState) -> None:
-        """A run resumed with other options than its checkpoint's continues with the new ones: say which, by name."""
-        saved = self._saved_state(state)
-        if saved is None or not isinstance(saved.get("args"), dict):
-            return
-        changed = _changed_options(given=self.state()["args"], other=saved["args"])
-        if changed:
-            warnings.warn(
-                f"Resuming with LayerFreezingCallback options that differ from the checkpoint's: {changed} "
-                "(checkpoint's value in brackets). The options given now are in force from here on; the units "
-                "frozen at the checkpoint stay frozen (freezing never unfreezes).",
-                stacklevel=2,
-            )
-
-    def _report_replaced_callbacks(self, handler: CallbackHandler | None) -> None:
-        """
-        With `restore_callback_states_from_checkpoint=True` the Trainer swaps the user's callback for this one, built
-        from the checkpoint's options. Say so, naming each option that differs from what the user gave, and let the
-        user's object report what training did (`frozen_units`, `freezer`).
-        """
-        if handler is None:
-            return
-        given = [cb for cb in _GIVEN_CALLBACKS.get(handler, []) if cb is not self and cb not in handler.callbacks]
-        if not given or self in _GIVEN_CALLBACKS.get(handler, []):
-            return
-        self._replaced = given[:1]
-        _GIVEN_CALLBACKS[handler] = [cb for cb in _GIVEN_CALLBACKS[handler] if cb is not given[0]] + [self]
-        changed = _changed_options(given=self.state()["args"], other=given[0].state()["args"], other_name="given")
-        if changed:
-            warnings.warn(
-                "restore_callback_states_from_checkpoint=True: the Trainer replaced your LayerFreezingCallback by one "
-                f"rebuilt from the checkpoint, whose options are in force: {changed} (the value you gave in "
-                "brackets). To train with your options, resume without restore_callback_states_from_checkpoint.",
-                stacklevel=2,
-            )
-
-    def _run_before_other_callbacks(self) -> CallbackHandler | None:
-        """
-        Move this callback to the front of the Trainer's callback list, so that reporting integrations
-        (TensorBoard, W&B, ...), which the Trainer puts before user callbacks, see the `layer_freeze/` metrics
-        this callback adds to each log.
-        """
-        handler = _calling_callback_handler(self)
-        if handler is None:
-            warnings.warn(
-                "LayerFreezingCallback could not find the Trainer's callback handler; reporting callbacks listed "
-                "before it will not see the layer_freeze/ metrics.",
-                stacklevel=2,
-            )
-        elif handler.callbacks[0] is not self:
-            # A new list: the handler is iterating over the old one right now.
-            handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
-        return handler
-
-
-def _planned_epochs(state: TrainerState) -> int | None:
-    """
-    The run's length in epochs, or `None` when the Trainer does not know it: for a training dataloader without a
-    length (a streaming `IterableDataset`) trained for `max_steps`, the Trainer sets `num_train_epochs` to
-    `sys.maxsize` and repeats the data until `max_steps` (`Trainer.set_initial_training_values`), so that count is
-    no plan to freeze by.
-    """
-    epochs = state.num_train_epochs
-    if not epochs or epochs >= sys.maxsize:
-        return None
-    return epochs
-
 
 def _format_options(options: dict[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
-
-
-def _changed_options(given: dict[str, Any], other: dict[str, Any], other_name: str = "checkpoint") -> str:
-    """`"name=value [other value], ..."` for each option whose value differs, or `""`."""
-    names = [name for name in given if name in other and given[name] != other[name]]
-    return ", ".join(f"{name}={given[name]!r} [{other_name}: {other[name]!r}]" for name in names)

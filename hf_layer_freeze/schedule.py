@@ -277,6 +277,34 @@ def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
     return max(0, last - first + 1)
 
 
+def coarse_epochs_warning(
+    freeze_every: str, num_epochs: float | None, max_steps: int, freeze_start: float, freeze_level: float
+) -> str | None:
+    """
+    With `freeze_every="epoch"` asked for, a run of few epochs freezes at few epoch ends, or at none (a `max_steps`
+    shorter than an epoch, or epochs of unknown length: `num_epochs=None`): the warning that says so, with the next
+    step, or `None`. (`"auto"` chose for itself; the adaptive schedule checks by step and is not asked.)
+    """
+    if freeze_every != "epoch" or freeze_level == 0:
+        return None
+    if num_epochs is None:
+        return (
+            "LayerFreezingCallback(freeze_every='epoch'): the Trainer does not know how long an epoch is (the "
+            f"training dataset has no __len__, e.g. a streaming IterableDataset, trained for max_steps={max_steps}), "
+            "so it freezes only where a pass over the data ends, and a stream that lasts the whole run freezes "
+            "nothing. Use freeze_every='step' (or 'auto', which chooses it here) to follow the schedule by step."
+        )
+    ends = freezing_epoch_ends(num_epochs, freeze_start)
+    if ends >= 2:
+        return None
+    return (
+        f"LayerFreezingCallback(freeze_every='epoch') in a run of {num_epochs} epoch(s) and {max_steps} steps freezes "
+        f"at {ends} epoch end(s) before training ends (a freeze after the last step saves nothing and is not made). "
+        f"Use freeze_every='auto' (by step below {MIN_EPOCH_FREEZES} freezing epoch ends) or 'step' to follow the "
+        "schedule within epochs."
+    )
+
+
 def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_start: float) -> str:
     """
     `"epoch"` or `"step"`: what `freeze_every="auto"` means for a run of `num_epochs` epochs. By epoch (the method

@@ -6,19 +6,43 @@ no `on_train_end` comes. So this file finds the handler and the Trainer among th
 looks at frames; `tests/test_callback.py` fails loudly if a transformers release changes how events are called), and
 wraps the Trainer instance's `train` so that the model is given back on every exit path, as Accelerate wraps an
 optimizer's `step` for its GradScaler.
+
+It also keeps what the callback must know of the Trainer's bookkeeping: the order of its callback list (this callback
+runs first, so reporting integrations see its metrics), the callbacks the user gave each Trainer (with
+`restore_callback_states_from_checkpoint=True` the Trainer swaps them for callbacks rebuilt from the checkpoint), and
+the `sys.maxsize` epochs the Trainer plans for a dataloader without a length. Each is tested in
+`tests/test_callback.py` or `tests/test_streaming.py`, so a transformers release that changes one fails there by name.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_callback import CallbackHandler
 
-__all__ = ["calling_callback_handler", "calling_trainer", "on_train_exception"]
+from .trainer_resume import changed_options
+
+__all__ = [
+    "attach_to_trainer",
+    "calling_callback_handler",
+    "calling_trainer",
+    "on_train_exception",
+    "planned_epochs",
+    "replaced_callbacks",
+    "run_first",
+]
+
+# The callbacks the user gave each Trainer (by its callback handler), recorded at `on_init_end`: with
+# `restore_callback_states_from_checkpoint=True` the Trainer replaces them by callbacks rebuilt from the checkpoint,
+# and the rebuilt one finds here what the user asked for, to say what changed and to report back to the user's object.
+_GIVEN_CALLBACKS: weakref.WeakKeyDictionary[CallbackHandler, list[TrainerCallback]] = weakref.WeakKeyDictionary()
 
 
 def _calling_self(callback: TrainerCallback, kind: type, max_depth: int) -> Any:
@@ -76,3 +100,73 @@ def on_train_exception(trainer: Trainer, handle: Callable[[BaseException], None]
 
     train_giving_back_on_exception._layer_freeze_exception_handlers = handlers
     trainer.train = train_giving_back_on_exception
+
+
+def run_first(callback: TrainerCallback) -> CallbackHandler | None:
+    """
+    Move `callback` to the front of the Trainer's callback list, so that reporting integrations (TensorBoard, W&B,
+    ...), which the Trainer puts before user callbacks, see the `layer_freeze/` metrics it adds to each log. Returns
+    the handler calling `callback` now, or `None` (with a warning) when none is found.
+    """
+    handler = calling_callback_handler(callback, max_depth=5)
+    if handler is None:
+        warnings.warn(
+            "LayerFreezingCallback could not find the Trainer's callback handler; reporting callbacks listed "
+            "before it will not see the layer_freeze/ metrics.",
+            stacklevel=3,
+        )
+    elif handler.callbacks[0] is not callback:
+        # A new list: the handler is iterating over the old one right now.
+        handler.callbacks = [callback] + [cb for cb in handler.callbacks if cb is not callback]
+    return handler
+
+
+def attach_to_trainer(callback: TrainerCallback, on_exception: Callable[[BaseException], None]) -> None:
+    """
+    At `on_init_end`: run `callback` first, remember it as one the user gave this Trainer, and have
+    `on_exception(exception)` called when `trainer.train()` raises (no `on_train_end` comes then).
+    """
+    handler = run_first(callback)
+    if handler is not None:
+        _GIVEN_CALLBACKS.setdefault(handler, []).append(callback)
+    trainer = calling_trainer(callback, max_depth=7)
+    if trainer is not None:
+        on_train_exception(trainer, on_exception)
+
+
+def replaced_callbacks(callback: TrainerCallback) -> list[TrainerCallback]:
+    """
+    At `on_train_begin`: run `callback` first and, when `restore_callback_states_from_checkpoint=True` made the
+    Trainer swap the user's callback for `callback` (built from the checkpoint's options), return the user's (so it
+    can report what training did: `frozen_units`, `freezer`), warning with each option that differs from what the
+    user gave. Empty otherwise.
+    """
+    handler = run_first(callback)
+    if handler is None:
+        return []
+    given = [cb for cb in _GIVEN_CALLBACKS.get(handler, []) if cb is not callback and cb not in handler.callbacks]
+    if not given or callback in _GIVEN_CALLBACKS.get(handler, []):
+        return []
+    _GIVEN_CALLBACKS[handler] = [cb for cb in _GIVEN_CALLBACKS[handler] if cb is not given[0]] + [callback]
+    changed = changed_options(given=callback.state()["args"], other=given[0].state()["args"], other_name="given")
+    if changed:
+        warnings.warn(
+            "restore_callback_states_from_checkpoint=True: the Trainer replaced your LayerFreezingCallback by one "
+            f"rebuilt from the checkpoint, whose options are in force: {changed} (the value you gave in "
+            "brackets). To train with your options, resume without restore_callback_states_from_checkpoint.",
+            stacklevel=2,
+        )
+    return given[:1]
+
+
+def planned_epochs(state: TrainerState) -> int | None:
+    """
+    The run's length in epochs, or `None` when the Trainer does not know it: for a training dataloader without a
+    length (a streaming `IterableDataset`) trained for `max_steps`, the Trainer sets `num_train_epochs` to
+    `sys.maxsize` and repeats the data until `max_steps` (`Trainer.set_initial_training_values`), so that count is
+    no plan to freeze by.
+    """
+    epochs = state.num_train_epochs
+    if not epochs or epochs >= sys.maxsize:
+        return None
+    return epochs

@@ -284,13 +284,14 @@ def test_resume_with_restore_callback_states_from_checkpoint(tmp_path):
 
 
 def test_the_trainer_callback_handler_is_found_and_the_callback_moved_first(tmp_path):
-    """The one place that reads the caller's frames (`_calling_callback_handler`): if a transformers release calls
-    events another way, this fails here, by name, instead of metrics silently missing from TensorBoard or W&B."""
+    """The one place that reads the caller's frames (`trainer_internals.calling_callback_handler`): if a transformers
+    release calls events another way, this fails here, by name, instead of metrics silently missing from TensorBoard
+    or W&B."""
     import warnings
 
-    from hf_layer_freeze.callback import _calling_callback_handler
+    from hf_layer_freeze.trainer_internals import calling_callback_handler
 
-    assert _calling_callback_handler(LayerFreezingCallback()) is None  # not called by a handler
+    assert calling_callback_handler(LayerFreezingCallback()) is None  # not called by a handler
     recorder = EventRecorder()  # listed first, as the Trainer lists its reporting integrations
     callback = LayerFreezingCallback()
     with warnings.catch_warnings():

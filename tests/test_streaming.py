@@ -12,10 +12,12 @@ from transformers import (
     TimmWrapperForImageClassification,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
 )
 
 from hf_layer_freeze import LayerFreezingCallback, freezable_units, freeze_fraction, num_units_to_freeze
+from hf_layer_freeze.trainer_internals import planned_epochs
 
 MAX_STEPS, BATCH = 12, 8
 
@@ -71,6 +73,8 @@ def test_a_streaming_dataset_with_max_steps_freezes_by_step_on_schedule(tmp_path
     trainer = _trainer(tmp_path, dataset, [callback, units, watch])
     trainer.train()
     assert units.num_train_epochs > 10**18  # what the Trainer sets when it knows no epoch length
+    # the one reader of that sentinel (trainer_internals): a release that plans streams another way fails here
+    assert planned_epochs(TrainerState(num_train_epochs=units.num_train_epochs)) is None
     num_units = len(units.units)
     # ground truth by integer arithmetic: the linear schedule at step s of 12; no freeze after the last step
     expected = [num_units_to_freeze(freeze_fraction(s / MAX_STEPS, 0.25, 1.0), num_units) for s in range(1, MAX_STEPS)]
