@@ -14,12 +14,16 @@ import logging
 import types
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .events import FreezeEvent
 from .wrappers import is_compiled, unwrap_model
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,11 @@ class CompiledCodeInvalidation:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> CompiledCodeInvalidation:
+        """Always on (a no-op for a model never compiled): the model as given."""
+        return cls(freezer.model)
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         if event.parameters:
