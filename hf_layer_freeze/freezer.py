@@ -10,7 +10,6 @@ listeners of `listeners.LISTENERS` it notifies (`events.py`), plus any added wit
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +22,15 @@ from .events import FreezeEvent, FreezeListener
 from .heads import peft_base_model
 from .listeners import ListenerHost, build_listeners
 from .options import DEFAULT_CACHE_MAX_BYTES, FreezeOptions
-from .param_groups import cap_to_keep_a_parameter, check_optimizers_hold_units, frozen_param_groups
-from .param_groups import supported_optimizers
+from .param_groups import (
+    cap_to_keep_a_parameter,
+    check_optimizers_hold_units,
+    frozen_param_groups,
+    supported_optimizers,
+)
 from .profiling import FirstForwardProfiling, UnitProfile
 from .record import FreezeResult, FrozenRecord, ledger_for
-from .schedule import validate_progress
-from .schedules import build_schedule
+from .schedules import as_progress, build_schedule
 from .units import FreezableUnit, freezable_units
 from .wrappers import unwrap_model
 
@@ -185,23 +187,18 @@ class LayerFreezer(ListenerHost):
         self.bare_model = unwrap_model(model)  # unwrapped once: the parts built below get this handle
         # What the other freezers of this model (in this process) hold frozen is the library's, not the user's.
         self.ledger = ledger_for(peft_base_model(self.bare_model))
-        held = self.ledger.held_parameters()
-        if held:
-            warnings.warn(
-                f"{len(held)} parameter tensors of this model are held frozen by another LayerFreezer that was not "
-                "closed (an earlier run that raised or was interrupted, or a second freezer built on purpose). This "
-                "freezer counts them among its units, and they stay frozen until every freezer holding them gives "
-                "them back (freezer.unfreeze()) or is closed (freezer.close(), which leaves them frozen).",
-                stacklevel=2,
-            )
-        self.units: list[FreezableUnit] = freezable_units(self.bare_model, options.granularity, options.head, held=held)
+        held = self.ledger.held_by_others()
+        self.units: list[FreezableUnit] = freezable_units(
+            self.bare_model, options.granularity, options.head, held=held
+        )
         if not self.units:
             raise ValueError(
                 f"model ({type(self.bare_model).__name__}) has no freezable unit: it needs at least one module "
                 "owning trainable parameters besides the head"
             )
         self._param_groups = [frozen_param_groups(o) for o in self.optimizers]
-        check_optimizers_hold_units(self._param_groups, self.bare_model, self.units, self.ledger.registered_parameter_ids())
+        also_held = self.ledger.registered_parameter_ids()  # another open freezer's optimizers keep them right
+        check_optimizers_hold_units(self._param_groups, self.bare_model, self.units, also_held)
         self.record = FrozenRecord(self.ledger)
         self._closed = False
         self.ledger.register(self.record, self._param_groups)  # what another freezer holds leaves these optimizers
@@ -238,9 +235,9 @@ class LayerFreezer(ListenerHost):
         """The freeze fraction the schedule reached (the record's)."""
         return self.record.fraction
 
-    def _parts(self) -> list[Any]:
-        """The schedule and the listeners: what contributes metrics and checkpoint state."""
-        return [self.schedule, *self.listeners]
+    def _parts(self, method: str) -> list[Any]:
+        """`method` of the schedule and of each listener that has it (metrics and checkpoint state)."""
+        return [getattr(p, method) for p in (self.schedule, *self.listeners) if callable(getattr(p, method, None))]
 
     def unfreeze(self) -> FreezeResult:
         """
@@ -302,17 +299,11 @@ class LayerFreezer(ListenerHost):
         waiting for the first training forward: order them by first use (`order="execution"`) and count their
         forward FLOPs (`budget="flops"`). Every rank must pass inputs of the same shape.
         """
-        if self.frozen_units and self._profiling.sets_order:
-            raise RuntimeError(
-                "with order='execution', profile before this LayerFreezer freezes anything: the order decides what is "
-                "frozen"
-            )
-        units, profile = self._profiling.profile(self.bare_model, self.units, *args, **kwargs)
-        if self._profiling.sets_order:
+        units, self.profile = self._profiling.profile(self, *args, **kwargs)
+        if units is not self.units:  # order="execution": the first trainable unit may move
             self.units = units
-            self._notify(FreezeEvent(tuple(self.units), self.frozen_units))  # the first trainable unit may move
-        self.profile = profile
-        return profile
+            self._notify(FreezeEvent(tuple(self.units), self.frozen_units))
+        return self.profile
 
     def num_units_at(self, progress: float) -> int:
         """How many units the linear clock freezes at `progress` (no side effect; needs the profile if any)."""
@@ -331,14 +322,7 @@ class LayerFreezer(ListenerHost):
         Returns:
             `FreezeResult`: what is frozen now.
         """
-        if isinstance(progress, torch.Tensor):
-            if progress.ndim != 0 or progress.is_complex() or progress.dtype == torch.bool:
-                raise ValueError(
-                    "progress must be a number in [0, 1] (a fraction of training), got a tensor of shape "
-                    f"{tuple(progress.shape)} and dtype {progress.dtype}"
-                )
-            progress = progress.item()
-        progress = validate_progress(progress)
+        progress = as_progress(progress)
         count = self.schedule.units_at(progress, self)
         if count is None:
             return self.result()
@@ -383,57 +367,33 @@ class LayerFreezer(ListenerHost):
     def metrics(self) -> dict[str, float]:
         """
         What the freezer reports, under the `layer_freeze/` namespace: `fraction`, `frozen_units` (a count waiting for
-        the first forward included), `frozen_params`, then the schedule's and the listeners' own (the adaptive
+        the first forward included) and `frozen_params`, then the schedule's and the listeners' own (the adaptive
         criterion, the activation cache's hit rate since the last call and its bytes). The Trainer callback logs
         them; in an Accelerate loop, `accelerator.log(freezer.metrics(), step=step)`.
 
         Returns:
             `dict[str, float]`: the metrics by name.
         """
-        metrics = {
-            "layer_freeze/fraction": self.fraction,
-            "layer_freeze/frozen_units": self.record.saved_units,
-            "layer_freeze/frozen_params": self.record.numel,
-        }
-        for part in self._parts():
-            metrics.update(part.metrics() if callable(getattr(part, "metrics", None)) else {})
+        metrics = self.record.metrics()
+        for part_metrics in self._parts("metrics"):
+            metrics.update(part_metrics())
         return metrics
 
     # Checkpointing through `accelerator.register_for_checkpointing`.
     def state_dict(self) -> dict[str, Any]:
         """The freezer's progress: how many units are frozen (or waiting to be), the names of the parameters it
-        froze, the fraction reached, and what the schedule and listeners keep (for the adaptive schedule the
+        froze, the fraction reached, and what its schedule and listeners keep (for the adaptive schedule the
         gradient-norm history its next check compares with)."""
-        state = {
-            "frozen_units": self.record.saved_units,
-            "frozen_parameter_names": self.record.names,
-            "fraction": self.fraction,
-            "num_units": self.num_units,
-        }
-        for part in self._parts():
-            state.update(part.state_dict() if callable(getattr(part, "state_dict", None)) else {})
+        state = self.record.state_dict(self.num_units)
+        for part_state in self._parts("state_dict"):
+            state.update(part_state())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes). States saved before the
         record existed hold only the count, and load the same way."""
-        if state_dict.get("num_units", self.num_units) != self.num_units:
-            raise ValueError(
-                f"state_dict was saved for a model with {state_dict['num_units']} freezable units, "
-                f"this one has {self.num_units}"
-            )
-        count = int(state_dict["frozen_units"])
-        names = state_dict.get("frozen_parameter_names") or []
-        if not self._profiling.holds_freezing:  # else the order, and so the names of a count, waits
-            in_units = {name for unit in self.units[:count] for name in unit.parameter_names}
-            unknown = [name for name in names if name not in in_units]
-            if unknown:
-                raise ValueError(
-                    f"state_dict froze {unknown[0]!r}, which is not in the first {count} freezable units of this "
-                    "model: it was saved for another model, or with other options (head, granularity, order)"
-                )
-        self.freeze_units(count)
+        # while the order waits for the first forward, so do the names of a count
+        self.freeze_units(FrozenRecord.saved_count(state_dict, self.units, not self._profiling.holds_freezing))
         self.record.reach(float(state_dict.get("fraction", 0.0)))
-        for part in self._parts():
-            if callable(getattr(part, "load_state_dict", None)):
-                part.load_state_dict(state_dict)
+        for load in self._parts("load_state_dict"):
+            load(state_dict)

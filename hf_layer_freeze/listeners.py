@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, TypeVar
 from torch.nn.parallel import DistributedDataParallel
 
 from .activation_cache import ActivationCache
+from .adaptive import GradientNormTracker
 from .batchnorm import BatchNormLock
 from .compiled import CompiledCodeInvalidation
 from .distributed import DDPReducerSync
-from .adaptive import GradientNormTracker
 from .events import FreezeEvent, FreezeListener
 from .gradient_checkpointing import CheckpointInputGrads, ReentrantCheckpointCheck
 from .rewrites import RequiresGradGuard

@@ -171,7 +171,9 @@ def check_optimizers_hold_units(
         )
 
 
-def optimizer_holding_units(optimizers: Sequence[torch.optim.Optimizer], units: Sequence[Any]) -> torch.optim.Optimizer:
+def optimizer_holding_units(
+    optimizers: Sequence[torch.optim.Optimizer], units: Sequence[Any]
+) -> torch.optim.Optimizer:
     """The first of `optimizers` that holds a parameter of `units` (the first optimizer if none does)."""
     unit_ids = {id(p) for unit in units for p in unit.parameters}
     return next((o for o in optimizers if frozen_param_groups(o).parameter_ids & unit_ids), optimizers[0])

@@ -139,9 +139,16 @@ class FirstForwardProfiling:
         """Whether freezing waits for the profile: the order it sets decides what a count freezes."""
         return self.waiting and self.sets_order
 
-    def profile(self, model: nn.Module, units: list[FreezableUnit], *args: Any, **kwargs: Any):
-        """Profile `units` on `model(*args, **kwargs)` now; returns the units in freezing order and their profile."""
-        profile = profile_units(model, units, *args, **kwargs)
+    def profile(self, freezer: LayerFreezer, *args: Any, **kwargs: Any) -> tuple[list[FreezableUnit], UnitProfile]:
+        """Profile `freezer`'s units on `model(*args, **kwargs)` now; returns the units in freezing order (a new list
+        when the profile sets it) and their profile."""
+        if freezer.frozen_units and self.sets_order:
+            raise RuntimeError(
+                "with order='execution', profile before this LayerFreezer freezes anything: the order decides what is "
+                "frozen"
+            )
+        units = freezer.units
+        profile = profile_units(freezer.bare_model, units, *args, **kwargs)
         if self.sets_order:
             units, profile = order_by_first_use(units, profile)
         self.close()

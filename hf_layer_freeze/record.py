@@ -20,6 +20,7 @@ and later freezers treat it as frozen by hand. So does a freezer that was garbag
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,20 @@ class FreezeLedger:
     def held_parameters(self, exclude: FrozenRecord | None = None) -> list[nn.Parameter]:
         """The parameters some open record holds frozen (other than `exclude`)."""
         return [p for p, holders in self._live().values() if any(h is not exclude for h in holders)]
+
+    def held_by_others(self) -> list[nn.Parameter]:
+        """What open freezers hold frozen, for a freezer being built, with a warning when there is any (the caller of
+        `LayerFreezer(...)` is warned)."""
+        held = self.held_parameters()
+        if held:
+            warnings.warn(
+                f"{len(held)} parameter tensors of this model are held frozen by another LayerFreezer that was not "
+                "closed (an earlier run that raised or was interrupted, or a second freezer built on purpose). This "
+                "freezer counts them among its units, and they stay frozen until every freezer holding them gives "
+                "them back (freezer.unfreeze()) or is closed (freezer.close(), which leaves them frozen).",
+                stacklevel=3,
+            )
+        return held
 
     def holds(self, param: nn.Parameter) -> bool:
         """Whether an open record holds `param` frozen."""
@@ -278,6 +293,49 @@ class FrozenRecord:
     def close(self) -> None:
         """Stop holding: what is frozen stays frozen, and is the user's from now on."""
         self.ledger.forget(self)
+
+    def metrics(self) -> dict[str, float]:
+        """`layer_freeze/fraction`, `layer_freeze/frozen_units` (a pending count included) and `.../frozen_params`."""
+        return {
+            "layer_freeze/fraction": self.fraction,
+            "layer_freeze/frozen_units": self.saved_units,
+            "layer_freeze/frozen_params": self.numel,
+        }
+
+    def state_dict(self, num_units: int) -> dict[str, Any]:
+        """The checkpoint entries of the record, for a freezer of `num_units` units."""
+        return {
+            "frozen_units": self.saved_units,
+            "frozen_parameter_names": self.names,
+            "fraction": self.fraction,
+            "num_units": num_units,
+        }
+
+    @staticmethod
+    def saved_count(state: dict[str, Any], units: Sequence[Any], check_names: bool = True) -> int:
+        """
+        The unit count a checkpoint state recorded, checked against `units` (those of the freezer loading it): the
+        same number of units, and (if `check_names`: the unit order is final) every recorded name in the first
+        units of that count. States saved before the record existed hold only the count.
+
+        Raises:
+            `ValueError`: the state was saved for another model, or with other options.
+        """
+        if state.get("num_units", len(units)) != len(units):
+            raise ValueError(
+                f"state_dict was saved for a model with {state['num_units']} freezable units, "
+                f"this one has {len(units)}"
+            )
+        count = int(state["frozen_units"])
+        if check_names:
+            in_units = {name for unit in units[:count] for name in unit.parameter_names}
+            unknown = [name for name in state.get("frozen_parameter_names") or [] if name not in in_units]
+            if unknown:
+                raise ValueError(
+                    f"state_dict froze {unknown[0]!r}, which is not in the first {count} freezable units of this "
+                    "model: it was saved for another model, or with other options (head, granularity, order)"
+                )
+        return count
 
     def __contains__(self, param: object) -> bool:
         return id(param) in self._frozen

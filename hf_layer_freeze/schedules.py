@@ -16,14 +16,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from .adaptive import AdaptiveSchedule
-from .schedule import bounded_unit_count, freeze_fraction, num_units_for_budget, num_units_to_freeze
+from .schedule import bounded_unit_count, freeze_fraction, num_units_for_budget, num_units_to_freeze, validate_progress
 
 if TYPE_CHECKING:
     from .freezer import LayerFreezer
     from .options import FreezeOptions
 
-__all__ = ["SCHEDULES", "FreezeSchedule", "LinearSchedule", "UnitBudget", "build_schedule"]
+__all__ = ["SCHEDULES", "FreezeSchedule", "LinearSchedule", "UnitBudget", "as_progress", "build_schedule"]
+
+
+def as_progress(progress: Any) -> float:
+    """`progress` (a Python or numpy number, or a 0-d tensor) as a float in [0, 1], or a `ValueError` naming it."""
+    if isinstance(progress, torch.Tensor):
+        if progress.ndim != 0 or progress.is_complex() or progress.dtype == torch.bool:
+            raise ValueError(
+                "progress must be a number in [0, 1] (a fraction of training), got a tensor of shape "
+                f"{tuple(progress.shape)} and dtype {progress.dtype}"
+            )
+        progress = progress.item()
+    return validate_progress(progress)
 
 
 class FreezeSchedule(Protocol):
