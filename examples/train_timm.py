@@ -171,8 +171,8 @@ def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             images += batch["labels"].shape[0] * accelerator.num_processes
-            if freezer is not None and args.schedule == "adaptive":
-                freezer.update(step / total_steps)  # checks every --check-every steps
+            if freezer is not None and freezer.schedule.acts_every_step:
+                freezer.update(step / total_steps)  # the adaptive schedule checks every --check-every steps
             bar.update(1)
             if step % 5 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", frozen=f"{freezer.fraction if freezer else 0:.0%}")
@@ -181,6 +181,8 @@ def train_run(args, accelerator: Accelerator, data, freeze: bool) -> dict:
         # The freeze belongs to the epoch that just ended: it is part of the training cost.
         frozen_during_epoch = freezer.frozen_units if freezer is not None else 0
         result = freezer.update(step / total_steps) if freezer is not None else None
+        if freezer is not None:  # layer_freeze/fraction, frozen_units, frozen_params, ... to the trackers, if any
+            accelerator.log(freezer.metrics(), step=step)
         epoch_time = time.perf_counter() - start
         train_time += epoch_time
         bar.close()

@@ -214,6 +214,15 @@ class ActivationCache:
         # The Trainer activates NEFTune in `train()`, before the callbacks' on_train_begin builds this: refuse it now.
         self._refuse_neftune(self._foreign_hooks([*self.layout.before, *self.layout.blocks]))
 
+    @classmethod
+    def from_freezer(cls, freezer: Any) -> ActivationCache | None:
+        """With `cache_activations=True`: the model as given (a compiled one is refused), `cache_max_bytes`."""
+        return cls(freezer.model, freezer.options.cache_max_bytes) if freezer.options.cache_activations else None
+
+    def metrics(self) -> dict[str, float]:
+        """The listener's metrics for `LayerFreezer.metrics()`: `take_metrics()`."""
+        return self.take_metrics()
+
     # --- listener -------------------------------------------------------------------------------------------------
     def on_freeze_event(self, event: FreezeEvent) -> None:
         if event.unfrozen:  # blocks train again: nothing cached stays true

@@ -1,4 +1,9 @@
-"""What the adaptive schedule measures: each unit's gradient norm, at every optimizer step.
+"""The adaptive schedule (`schedule="adaptive"`): freeze the prefix of units whose gradient norm has settled.
+
+`AdaptiveSchedule` is a `schedules.FreezeSchedule`: every `check_every` optimizer steps it compares each trainable
+unit's mean gradient norm over the interval with the previous interval's, and asks for the longest settled prefix
+(`schedule.settled_prefix`), never before `freeze_start`, never beyond `freeze_level`, never fewer units than are
+frozen. It owns the tracker below, which only it reads and writes.
 
 `GradientNormTracker` is a step pre-hook on the optimizer (the torch optimizer inside Accelerate's wrapper), so it
 sees the gradients the optimizer is about to apply, in the Trainer and in custom loops alike: after gradient
@@ -12,16 +17,24 @@ so it goes into the Trainer's JSON checkpoint state and a resumed run decides ex
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from .param_groups import unwrap_optimizer
+from .param_groups import optimizer_holding_units, unwrap_optimizer
+from .schedule import relative_changes, settled_prefix
 from .units import FreezableUnit
 
-__all__ = ["GradientNormTracker"]
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
+    from .options import FreezeOptions
+    from .schedules import UnitBudget
+
+__all__ = ["AdaptiveSchedule", "GradientNormTracker"]
 
 
 class GradientNormTracker:
@@ -74,6 +87,17 @@ class GradientNormTracker:
         self.steps = 0
         return means
 
+    def check(self) -> tuple[list[float] | None, list[float] | None]:
+        """Close the interval: `(the previous check's means, this check's)`, this check's becoming the previous."""
+        means = self.interval_means()
+        previous, self.previous = self.previous, means
+        return previous, means
+
+    def compare(self, previous: list[float], means: list[float], first: int) -> list[float]:
+        """The relative changes of the units from `first` on between two checks, kept as `last_changes`."""
+        self.last_changes = relative_changes(previous[first:], means[first:])
+        return self.last_changes
+
     def close(self) -> None:
         """Remove the optimizer hook."""
         self._handle.remove()
@@ -95,6 +119,63 @@ class GradientNormTracker:
             self._sums = torch.tensor(sums, dtype=torch.float32, device=device)
         previous = state.get("previous")
         self.previous = None if previous is None else [float(v) for v in previous]
+
+
+class AdaptiveSchedule:
+    """
+    The adaptive schedule (see the module docstring); its gradient norms are read by a step pre-hook on the first
+    optimizer that holds units, and `update(progress)` makes the checks, so it acts at every step.
+
+    Args:
+        options (`FreezeOptions`): the freezer's options (`freeze_start`, `freeze_level`, `check_every`,
+            `change_threshold`).
+        budget (`UnitBudget`): how `freeze_level` becomes a count, and the freeze-event levels.
+        freezer (`LayerFreezer`): the freezer being built (its optimizers and units).
+    """
+
+    acts_every_step = True
+
+    def __init__(self, options: FreezeOptions, budget: UnitBudget, freezer: LayerFreezer) -> None:
+        self.options = options
+        self.budget = budget
+        holder = optimizer_holding_units(freezer.optimizers, freezer.units)
+        self.gradient_norms = GradientNormTracker(holder, lambda: freezer.units)
+
+    def units_at(self, progress: float, freezer: LayerFreezer) -> int | None:
+        if self.gradient_norms.steps < self.options.check_every:
+            return None
+        previous, means = self.gradient_norms.check()
+        if previous is None or progress <= self.options.freeze_start or not self.budget.ready(freezer):
+            return None
+        first = freezer.frozen_units
+        changes = self.gradient_norms.compare(previous, means, first)
+        level = self.budget.units_for(self.options.freeze_level, freezer)
+        count = min(first + settled_prefix(changes, self.options.change_threshold), level)
+        return max(first, self.budget.bounded(count, freezer))
+
+    def fraction(self, progress: float, freezer: LayerFreezer) -> float:
+        return freezer.frozen_units / freezer.num_units
+
+    def metrics(self) -> dict[str, float]:
+        """The criterion at the last check: `layer_freeze/grad_norm_change_first_trainable` and `..._median`."""
+        changes = self.gradient_norms.last_changes
+        metrics: dict[str, float] = {}
+        if changes and math.isfinite(changes[0]):  # trackers refuse infinities
+            metrics["layer_freeze/grad_norm_change_first_trainable"] = changes[0]
+        finite = [c for c in changes if math.isfinite(c)]
+        if finite:  # the median the criterion compares with
+            metrics["layer_freeze/grad_norm_change_median"] = statistics.median(finite)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gradient_norms": self.gradient_norms.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("gradient_norms") is not None:
+            self.gradient_norms.load_state_dict(state["gradient_norms"])
+
+    def close(self) -> None:
+        self.gradient_norms.close()
 
 
 def _parameters_device(units: list[FreezableUnit]) -> torch.device:

@@ -7,12 +7,17 @@ follows the model's mode again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .events import FreezeEvent
 from .forward_hooks import has_forward_pre_hook
 from .wrappers import unwrap_model
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 __all__ = ["BatchNormLock", "keeps_eval_mode"]
 
@@ -38,6 +43,11 @@ class BatchNormLock:
     def __init__(self, model: nn.Module) -> None:
         self.model = unwrap_model(model)
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> BatchNormLock | None:
+        """With `freeze_batchnorm=True`."""
+        return cls(freezer.bare_model) if freezer.options.freeze_batchnorm else None
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         for unit in event.frozen:

@@ -8,8 +8,6 @@ delegates the rest: resuming from a checkpoint to `trainer_resume.py`, every Tra
 from __future__ import annotations
 
 import logging
-import math
-import statistics
 import warnings
 from typing import Any
 
@@ -29,7 +27,6 @@ from .wrappers import unwrap_model
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerFreezingCallback"]
-
 
 
 @document_options(CallbackOptions)
@@ -238,27 +235,17 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         """
         if self._result_at_end is not None:
             return self._result_at_end.frozen_units
-        return 0 if self.freezer is None else self.freezer.frozen_units
+        return 0 if self.freezer is None else self.freezer.record.saved_units
 
     def metrics(self) -> dict[str, float]:
-        """The values this callback logs, under the `layer_freeze/` namespace."""
+        """The values this callback logs, under the `layer_freeze/` namespace (`LayerFreezer.metrics()`)."""
         if self.freezer is None:
             return {}
-        result = self._result_at_end or self.freezer.result()
-        metrics = {
-            "layer_freeze/fraction": result.fraction,
-            "layer_freeze/frozen_units": self.frozen_units,
-            "layer_freeze/frozen_params": result.frozen_params,
-        }
-        if self.freezer.activation_cache is not None:
-            metrics.update(self.freezer.activation_cache.take_metrics())
-        changes = self.freezer.gradient_norms.last_changes if self.freezer.gradient_norms is not None else []
-        if changes:  # schedule="adaptive": the criterion at the last check
-            finite = [c for c in changes if math.isfinite(c)]
-            if math.isfinite(changes[0]):  # trackers refuse infinities
-                metrics["layer_freeze/grad_norm_change_first_trainable"] = changes[0]
-            if finite:  # the median the criterion compares with
-                metrics["layer_freeze/grad_norm_change_median"] = statistics.median(finite)
+        metrics = self.freezer.metrics()
+        if self._result_at_end is not None:  # after training: what it ended with, not what the hand-back left
+            metrics["layer_freeze/fraction"] = self._result_at_end.fraction
+            metrics["layer_freeze/frozen_units"] = self._result_at_end.frozen_units
+            metrics["layer_freeze/frozen_params"] = self._result_at_end.frozen_params
         return metrics
 
     def _update(self, state: TrainerState, control: TrainerControl) -> None:

@@ -19,12 +19,16 @@ import logging
 import types
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .events import FreezeEvent
 from .wrappers import is_compiled, unwrap_model
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +181,11 @@ class CompiledCodeInvalidation:
             self._dynamo_usable = True
         else:  # a torch lacking them can still train an uncompiled model: nothing is dropped then
             self._dynamo_usable = not missing_dynamo_internals()
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> CompiledCodeInvalidation:
+        """Always on (a no-op for a model never compiled): the model as given."""
+        return cls(freezer.model)
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         if not event.parameters:

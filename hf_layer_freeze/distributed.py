@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .events import FreezeEvent
 from .wrappers import find_ddp_wrapper, unwrap_model, wrapper_chain
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +166,11 @@ class DDPReducerSync:
         elif is_distributed() and not is_fsdp_managed(model):
             check_ddp_internals()
             self._discovery_hook = self._bare_model.register_forward_pre_hook(self._discover)
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> DDPReducerSync:
+        """Always on: the model as given (a DDP wrapper in its chain is used from the start)."""
+        return cls(freezer.model)
 
     def set_ddp_model(self, ddp_model: DistributedDataParallel) -> None:
         """Use `ddp_model`, which wraps the model; a freeze that happened before it was known is applied now."""

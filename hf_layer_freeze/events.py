@@ -1,8 +1,11 @@
 """A freeze event, and the listeners that carry its side effects.
 
 Freezing changes which parameters train. Everything else that has to follow (DDP's gradient buckets, the inputs of
-re-entrant gradient checkpoints, compiled code, BatchNorm statistics) is a listener: the engine notifies each one of
-each event, and releases each with `close()`. A new side effect adds a listener, not a branch in the engine.
+re-entrant gradient checkpoints, the `requires_grad` guard, compiled code, BatchNorm statistics, the activation
+cache) is a listener: built from the freezer by its own file (`from_freezer`, `None` when its option is off), listed
+once in `listeners.LISTENERS`; the engine notifies each one of each event, gathers its `metrics()` and `state_dict()`
+where it has them, and releases each with `close()`, never naming one. A new side effect adds a listener (a class
+and a line in `LISTENERS`, or `LayerFreezer.add_listener` from outside), not a branch in the engine.
 """
 
 from __future__ import annotations
@@ -44,7 +47,33 @@ class FreezeEvent:
 
 
 class FreezeListener(Protocol):
-    """A side effect of freezing: told of every event, released by `close()`."""
+    """
+    A side effect of freezing: told of every event, released by `close()`. It may also define `metrics() ->
+    dict[str, float]` (namespaced `layer_freeze/...` keys, joined to `LayerFreezer.metrics()`), and `state_dict()` /
+    `load_state_dict(state)` (JSON-safe entries merged into the freezer's checkpoint state, and the whole of it back).
+
+    Example:
+
+    ```python
+    >>> import timm, torch
+    >>> from hf_layer_freeze import LayerFreezer
+    >>> class CountEvents:
+    ...     def __init__(self):
+    ...         self.events = 0
+    ...     def on_freeze_event(self, event):
+    ...         self.events += 1
+    ...     def metrics(self):
+    ...         return {"layer_freeze/events": self.events}
+    ...     def close(self):
+    ...         pass
+    >>> model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    >>> freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> freezer.add_listener(CountEvents())
+    >>> freezer.update(0.75).changed, freezer.metrics()["layer_freeze/events"]
+    (True, 1)
+
+    ```
+    """
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Follow what `event` changed."""

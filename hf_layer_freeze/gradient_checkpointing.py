@@ -30,7 +30,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from .compiled import has_compiled_code
 from .events import FreezeEvent
 from .families import checkpointed_layer
 from .wrappers import unwrap_model
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,11 @@ class CheckpointInputGrads:
         self._layer: nn.Module | None = None
         self._timm_checkpointing_modules: list[nn.Module] = []
         self._warned = False
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> CheckpointInputGrads:
+        """Always on (it acts only where the model checkpoints re-entrantly)."""
+        return cls(freezer.bare_model)
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Move the fix to the first unit that still trains. Also before anything is frozen by this freezer:
@@ -198,6 +206,11 @@ class ReentrantCheckpointCheck:
         # The model's own hooks stay for the freezer's life: an event may come from inside a forward (the
         # first-forward profile), where removing a hook the running forward has listed would break that forward.
         self._model_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> ReentrantCheckpointCheck:
+        """Always on: the model as given (whether it is compiled decides whether it hooks)."""
+        return cls(freezer.model)
 
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Check the next training forward: the units that still train, and whether they get a gradient."""

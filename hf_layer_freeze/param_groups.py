@@ -27,18 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from .distributed_checkpoint import install_distributed_checkpoint_support
 
 __all__ = [
+    "cap_to_keep_a_parameter",
+    "check_optimizers_hold_units",
     "check_supported_optimizer",
     "existing_frozen_param_groups",
     "freeze_parameters",
     "frozen_param_groups",
+    "optimizer_holding_units",
+    "supported_optimizers",
     "unwrap_optimizer",
 ]
 
@@ -125,6 +131,76 @@ def check_supported_optimizer(optimizer: torch.optim.Optimizer) -> None:
             "the optimizer's param_groups, where freezing takes parameters out and keeps their state. Use "
             "optim='adamw_torch' (or any optimizer that steps through optimizer.step()), or disable the callback."
         )
+
+
+def supported_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """`optimizer` (one, or a list or tuple of them) as a non-empty list of supported optimizers (see
+    `check_supported_optimizer`), or a `ValueError` naming what was given."""
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        given = optimizer if isinstance(optimizer, (list, tuple)) else None
+        got = type(optimizer).__name__ if given is None else [type(o).__name__ for o in given]
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or a non-empty list of them, got {got}")
+    for each in optimizers:
+        check_supported_optimizer(each)  # before anything is hooked on it
+    return optimizers
+
+
+def check_optimizers_hold_units(
+    param_groups: Sequence[_FrozenParamGroups], model: torch.nn.Module, units: Sequence[Any], also_held: set[int]
+) -> None:
+    """
+    Refuse optimizers that hold none of `model`'s parameters; warn once about unit parameters in none of them nor in
+    `also_held` (the ids another open freezer's optimizers hold: that freezer keeps them right).
+    """
+    held = set().union(*(groups.parameter_ids for groups in param_groups))
+    if not held & {id(p) for p in model.parameters()}:
+        raise ValueError(
+            "optimizer holds none of the model's parameters: build it from model.parameters() "
+            "(the same model passed to LayerFreezer)"
+        )
+    held |= also_held
+    missing = [p for unit in units for p in unit.parameters if id(p) not in held]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} trainable parameter tensors ({sum(p.numel() for p in missing):,} elements) that "
+            f"this LayerFreezer may freeze are in none of the {len(param_groups)} optimizer(s) it was given: "
+            "another optimizer may keep changing them after they freeze. Pass every optimizer: "
+            "LayerFreezer(model, [optimizer, other_optimizer]).",
+            stacklevel=3,
+        )
+
+
+def optimizer_holding_units(
+    optimizers: Sequence[torch.optim.Optimizer], units: Sequence[Any]
+) -> torch.optim.Optimizer:
+    """The first of `optimizers` that holds a parameter of `units` (the first optimizer if none does)."""
+    unit_ids = {id(p) for unit in units for p in unit.parameters}
+    return next((o for o in optimizers if frozen_param_groups(o).parameter_ids & unit_ids), optimizers[0])
+
+
+def cap_to_keep_a_parameter(
+    param_groups: Sequence[_FrozenParamGroups], units: Sequence[Any], frozen: int, count: int, warn: bool = True
+) -> int:
+    """
+    The largest count <= `count` of leading `units` (`frozen` of them frozen already) that leaves the optimizers at
+    least one parameter, warning (if `warn`) when it stops short. Optimizers with nothing left update nothing, and a
+    GradScaler then fails with "No inf checks were recorded for this optimizer".
+    """
+    remaining = {id(p) for groups in param_groups for p in groups.trainable_parameters()}
+    for index in range(frozen, count):
+        unit_ids = {id(p) for p in units[index].parameters}
+        if remaining and remaining <= unit_ids:
+            if warn:
+                warnings.warn(
+                    f"Freezing unit {index} ({units[index].name or '<root>'}) would leave the optimizer "
+                    f"with no parameter, so freezing stops at {index} of {len(units)} units. Put the "
+                    "head in the optimizer, or lower freeze_level.",
+                    stacklevel=3,
+                )
+            return index
+        remaining -= unit_ids
+    return count
 
 
 def freeze_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -1,12 +1,14 @@
 """What one forward pass says about each unit: when it is first used, and its forward FLOPs.
 
 `order="execution"` sorts units by first use, `budget="flops"` weighs them by FLOPs, `plan` and the benchmarks report
-the share of FLOPs frozen: all of them use this one attribution rule.
+the share of FLOPs frozen: all of them use this one attribution rule. `FirstForwardProfiling` is the freezer's
+profiling lifecycle: profile on the first training forward, then apply the freeze that waited for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,7 +16,10 @@ from torch import nn
 from .units import FreezableUnit
 from .wrappers import unwrap_model
 
-__all__ = ["UnitProfile", "profile_units"]
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
+
+__all__ = ["FirstForwardProfiling", "UnitProfile", "order_by_first_use", "profile_units"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +100,74 @@ def profile_units(model: nn.Module, units: list[FreezableUnit], *args, **kwargs)
         ranks = [order[id(m)] for m in unit.owner_modules(model) if id(m) in order]
         first_use.append(min(ranks) if ranks else len(order))
     return UnitProfile(tuple(first_use), tuple(forward_flops))
+
+
+def order_by_first_use(units: list[FreezableUnit], profile: UnitProfile) -> tuple[list[FreezableUnit], UnitProfile]:
+    """`units` sorted by first use in the forward pass, and `profile` in that order (`order="execution"`)."""
+    ranks = sorted(range(len(units)), key=lambda i: profile.first_use[i])
+    ordered = UnitProfile(tuple(profile.first_use[i] for i in ranks), tuple(profile.forward_flops[i] for i in ranks))
+    return [units[i] for i in ranks], ordered
+
+
+class FirstForwardProfiling:
+    """
+    The first-forward profiling of a freezer whose options need one forward pass (`order="execution"` sets the unit
+    order from it, `budget="flops"` the units' weights): a forward pre-hook on the bare model that profiles the units
+    on the first training batch (`LayerFreezer.profile_with`), then applies the freeze that waited for the order
+    (`FrozenRecord.pending_units`).
+
+    Args:
+        freezer (`LayerFreezer`):
+            The freezer, whose options, bare model and record it reads (held only while the profile is to come).
+    """
+
+    def __init__(self, freezer: LayerFreezer) -> None:
+        self.sets_order = freezer.options.order == "execution"
+        self._freezer: LayerFreezer | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        if self.sets_order or freezer.options.budget == "flops":
+            self._freezer = freezer
+            self._hook = freezer.bare_model.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the profile is still to come (at the first training forward, or `profile_with`)."""
+        return self._hook is not None
+
+    @property
+    def holds_freezing(self) -> bool:
+        """Whether freezing waits for the profile: the order it sets decides what a count freezes."""
+        return self.waiting and self.sets_order
+
+    def profile(self, freezer: LayerFreezer, *args: Any, **kwargs: Any) -> tuple[list[FreezableUnit], UnitProfile]:
+        """Profile `freezer`'s units on `model(*args, **kwargs)` now; returns the units in freezing order (a new list
+        when the profile sets it) and their profile."""
+        if freezer.frozen_units and self.sets_order:
+            raise RuntimeError(
+                "with order='execution', profile before this LayerFreezer freezes anything: the order decides what is "
+                "frozen"
+            )
+        units = freezer.units
+        profile = profile_units(freezer.bare_model, units, *args, **kwargs)
+        if self.sets_order:
+            units, profile = order_by_first_use(units, profile)
+        self.close()
+        return units, profile
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        freezer = self._freezer
+        if self._hook is None or freezer is None or not (torch.is_grad_enabled() and module.training):
+            return
+        self.close()  # also keeps the profiling forward below from re-entering
+        with torch.no_grad():
+            freezer.profile_with(*args, **kwargs)
+        count = freezer.record.take_pending()
+        if count is not None:
+            freezer.freeze_units(count)  # inside DDP's forward: the reducer sync prepares the rebuilt reducer
+
+    def close(self) -> None:
+        """Remove the hook (the profile is final, or the freezer closed)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._freezer = None

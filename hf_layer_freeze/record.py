@@ -20,15 +20,43 @@ and later freezers treat it as frozen by hand. So does a freezer that was garbag
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .param_groups import freeze_parameters
 
-__all__ = ["FreezeLedger", "FrozenRecord", "ledger_for"]
+__all__ = ["FreezeLedger", "FreezeResult", "FrozenRecord", "ledger_for"]
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """
+    What is frozen after a call to `LayerFreezer.update` / `LayerFreezer.freeze_units`.
+
+    Args:
+        frozen_units (`int`): number of units frozen so far (a prefix of the unit list).
+        total_units (`int`): number of freezable units: the modules owning a parameter that trained when the
+            freezer was built (head excluded).
+        frozen_params (`int`): number of parameter elements this freezer froze so far.
+        fraction (`float`): the freeze fraction the schedule asked for (0 when units were frozen by count).
+        newly_frozen_units (`int`): units frozen by this very call.
+    """
+
+    frozen_units: int
+    total_units: int
+    frozen_params: int
+    fraction: float
+    newly_frozen_units: int
+
+    @property
+    def changed(self) -> bool:
+        """Whether this call froze anything."""
+        return self.newly_frozen_units > 0
 
 
 class FreezeLedger:
@@ -60,6 +88,20 @@ class FreezeLedger:
     def held_parameters(self, exclude: FrozenRecord | None = None) -> list[nn.Parameter]:
         """The parameters some open record holds frozen (other than `exclude`)."""
         return [p for p, holders in self._live().values() if any(h is not exclude for h in holders)]
+
+    def held_by_others(self) -> list[nn.Parameter]:
+        """What open freezers hold frozen, for a freezer being built, with a warning when there is any (the caller of
+        `LayerFreezer(...)` is warned)."""
+        held = self.held_parameters()
+        if held:
+            warnings.warn(
+                f"{len(held)} parameter tensors of this model are held frozen by another LayerFreezer that was not "
+                "closed (an earlier run that raised or was interrupted, or a second freezer built on purpose). This "
+                "freezer counts them among its units, and they stay frozen until every freezer holding them gives "
+                "them back (freezer.unfreeze()) or is closed (freezer.close(), which leaves them frozen).",
+                stacklevel=3,
+            )
+        return held
 
     def holds(self, param: nn.Parameter) -> bool:
         """Whether an open record holds `param` frozen."""
@@ -154,7 +196,10 @@ def ledger_for(model: nn.Module) -> FreezeLedger:
 
 class FrozenRecord:
     """
-    The parameters one freezer froze, in the order it froze them, with their qualified names.
+    What one freezer froze: the parameters, in the order it froze them, with their qualified names; how many leading
+    units that is (`frozen_units`), a count that waits to be applied (`pending_units`: with `order="execution"`,
+    until the first forward sets the order) and the freeze fraction reached (`fraction`). The engine's
+    `frozen_units` and `fraction` read it, and so do the callback and `LayerFreezer.metrics()`.
 
     Args:
         ledger (`FreezeLedger`, *optional*):
@@ -182,10 +227,35 @@ class FrozenRecord:
     def __init__(self, ledger: FreezeLedger | None = None) -> None:
         self.ledger = ledger if ledger is not None else FreezeLedger()
         self._frozen: dict[int, tuple[str, nn.Parameter]] = {}
+        self.frozen_units = 0
+        self.pending_units: int | None = None
+        self.fraction = 0.0
 
-    def freeze(self, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    @property
+    def saved_units(self) -> int:
+        """The units frozen, counting a count that waits to be applied: what a checkpoint keeps."""
+        return max(self.frozen_units, self.pending_units or 0)
+
+    def wait_for(self, count: int) -> None:
+        """Record that `count` units are to be frozen once they can be (never lowers a count already waiting)."""
+        if count > self.frozen_units:
+            self.pending_units = max(self.pending_units or 0, count)
+
+    def take_pending(self) -> int | None:
+        """The count waiting to be applied, if any, which no longer waits."""
+        count, self.pending_units = self.pending_units, None
+        return count
+
+    def reach(self, fraction: float) -> None:
+        """The schedule reached `fraction` (the fraction reported never goes down, until a give-back)."""
+        self.fraction = max(self.fraction, fraction)
+
+    def freeze(
+        self, named_parameters: Iterable[tuple[str, nn.Parameter]], frozen_units: int | None = None
+    ) -> list[tuple[str, nn.Parameter]]:
         """Freeze those of `named_parameters` that still train, or that another open freezer of the model holds frozen
-        (`requires_grad=False`, gradient dropped), record them, and return them."""
+        (`requires_grad=False`, gradient dropped), record them, and return them. `frozen_units`: how many leading
+        units are frozen with them."""
         newly = [
             (name, p)
             for name, p in named_parameters
@@ -193,14 +263,25 @@ class FrozenRecord:
         ]
         self.ledger.hold(self, [p for _, p in newly])
         self._frozen.update((id(p), (name, p)) for name, p in newly)
+        if frozen_units is not None:
+            self.frozen_units = frozen_units
         return newly
 
-    def give_back(self) -> list[tuple[str, nn.Parameter]]:
-        """Let go of every recorded parameter and forget them; return those that train again (all of them, unless
-        another open freezer of the model still holds some)."""
-        given = list(self._frozen.values())
+    def give_back(
+        self, parameters: Iterable[nn.Parameter] | None = None, frozen_units: int = 0
+    ) -> list[tuple[str, nn.Parameter]]:
+        """Let go of the recorded `parameters` (by default every one, which also forgets the fraction and any pending
+        count) and forget them, leaving `frozen_units` units frozen; return those that train again (all of them,
+        unless another open freezer of the model still holds some)."""
+        if parameters is None:
+            given = list(self._frozen.values())
+            self.pending_units, self.fraction = None, 0.0
+        else:
+            given = [self._frozen[id(p)] for p in parameters if id(p) in self._frozen]
         freed = {id(p) for p in self.ledger.release(self, [p for _, p in given])}
-        self._frozen.clear()
+        for _, param in given:
+            del self._frozen[id(param)]
+        self.frozen_units = frozen_units
         return [(name, p) for name, p in given if id(p) in freed]
 
     def refreeze(self) -> list[tuple[str, nn.Parameter]]:
@@ -212,6 +293,49 @@ class FrozenRecord:
     def close(self) -> None:
         """Stop holding: what is frozen stays frozen, and is the user's from now on."""
         self.ledger.forget(self)
+
+    def metrics(self) -> dict[str, float]:
+        """`layer_freeze/fraction`, `layer_freeze/frozen_units` (a pending count included) and `.../frozen_params`."""
+        return {
+            "layer_freeze/fraction": self.fraction,
+            "layer_freeze/frozen_units": self.saved_units,
+            "layer_freeze/frozen_params": self.numel,
+        }
+
+    def state_dict(self, num_units: int) -> dict[str, Any]:
+        """The checkpoint entries of the record, for a freezer of `num_units` units."""
+        return {
+            "frozen_units": self.saved_units,
+            "frozen_parameter_names": self.names,
+            "fraction": self.fraction,
+            "num_units": num_units,
+        }
+
+    @staticmethod
+    def saved_count(state: dict[str, Any], units: Sequence[Any], check_names: bool = True) -> int:
+        """
+        The unit count a checkpoint state recorded, checked against `units` (those of the freezer loading it): the
+        same number of units, and (if `check_names`: the unit order is final) every recorded name in the first
+        units of that count. States saved before the record existed hold only the count.
+
+        Raises:
+            `ValueError`: the state was saved for another model, or with other options.
+        """
+        if state.get("num_units", len(units)) != len(units):
+            raise ValueError(
+                f"state_dict was saved for a model with {state['num_units']} freezable units, "
+                f"this one has {len(units)}"
+            )
+        count = int(state["frozen_units"])
+        if check_names:
+            in_units = {name for unit in units[:count] for name in unit.parameter_names}
+            unknown = [name for name in state.get("frozen_parameter_names") or [] if name not in in_units]
+            if unknown:
+                raise ValueError(
+                    f"state_dict froze {unknown[0]!r}, which is not in the first {count} freezable units of this "
+                    "model: it was saved for another model, or with other options (head, granularity, order)"
+                )
+        return count
 
     def __contains__(self, param: object) -> bool:
         return id(param) in self._frozen

@@ -26,13 +26,16 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .events import FreezeEvent
 from .wrappers import unwrap_model
+
+if TYPE_CHECKING:
+    from .freezer import LayerFreezer
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,11 @@ class RequiresGradGuard:
             if callable(method) and name not in vars(self._tuner):  # on the class: an instance attribute undoes it
                 setattr(self._tuner, name, self._checking_after(method))
                 self._wrapped.append(name)
+
+    @classmethod
+    def from_freezer(cls, freezer: LayerFreezer) -> RequiresGradGuard:
+        """Always on: keeps frozen what the freezer's record holds."""
+        return cls(freezer.bare_model, freezer.record.refreeze)
 
     def _checking_after(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)

@@ -529,3 +529,105 @@ class _Both:
     def step(self):
         for optimizer in self.optimizers:
             optimizer.step()
+
+
+class _EventLog:
+    """A user-defined listener: counts the events and the parameters they changed, with metrics and state."""
+
+    def __init__(self):
+        self.events, self.parameters, self.closed, self.loaded = [], 0, False, None
+
+    def on_freeze_event(self, event):
+        self.events.append((event.frozen_units, len(event.frozen), len(event.unfrozen)))
+        self.parameters += len(event.parameters)
+
+    def metrics(self):
+        return {"layer_freeze/user_events": float(len(self.events))}
+
+    def state_dict(self):
+        return {"user_parameters": self.parameters}
+
+    def load_state_dict(self, state):
+        self.loaded = state.get("user_parameters")
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_listener_added_from_outside_is_notified_reports_and_is_closed_with_the_freezer():
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.5)
+    log = _EventLog()
+    freezer.add_listener(log)
+    assert freezer.listener(_EventLog) is log and log.events == []  # future events only
+    freezer.update(0.75)
+    half = freezer.num_units // 2
+    assert log.events == [(half, half, 0)] and log.parameters == len(freezer.record)
+    metrics = freezer.metrics()
+    assert metrics["layer_freeze/user_events"] == 1.0 and metrics["layer_freeze/frozen_units"] == half
+    assert list(metrics)[:3] == ["layer_freeze/fraction", "layer_freeze/frozen_units", "layer_freeze/frozen_params"]
+    state = freezer.state_dict()
+    assert state["user_parameters"] == log.parameters and state["frozen_units"] == half
+    freezer.load_state_dict(state)
+    assert log.loaded == log.parameters
+    freezer.unfreeze()
+    assert log.events[-1] == (0, 0, half)
+    freezer.close()
+    assert log.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        freezer.add_listener(_EventLog())
+    with pytest.raises(ValueError, match="on_freeze_event"):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1)).add_listener(object())
+
+
+def test_the_engine_applies_a_lower_count_a_schedule_returns_by_giving_units_back():
+    model = tiny_timm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = LayerFreezer(model, optimizer, freeze_start=0.0)
+
+    class UpThenDown:  # a gradual-unfreezing schedule in miniature
+        acts_every_step, budget = False, freezer.schedule.budget
+
+        def units_at(self, progress, freezer):
+            return 6 if progress < 0.5 else 2
+
+        def fraction(self, progress, freezer):
+            return freezer.frozen_units / freezer.num_units
+
+        def close(self):
+            pass
+
+    freezer.schedule = UpThenDown()
+    assert freezer.update(0.25).frozen_units == 6
+    result = freezer.update(0.75)
+    assert result.frozen_units == 2 and freezer.record.frozen_units == 2
+    assert freezer.record.names == [n for unit in freezer.units[:2] for n in unit.parameter_names]
+    assert all(p.requires_grad for unit in freezer.units[2:] for p in unit.parameters)
+    assert _group_ids(optimizer) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_building_listeners_closes_those_built_when_one_refuses(monkeypatch):
+    from hf_layer_freeze import listeners
+
+    closed = []
+
+    class Refuses:
+        @classmethod
+        def from_freezer(cls, freezer):
+            raise NotImplementedError("not this setup")
+
+    class Built(_EventLog):
+        @classmethod
+        def from_freezer(cls, freezer):
+            return cls()
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(listeners, "LISTENERS", (*listeners.LISTENERS, Built, Refuses))
+    model = tiny_timm()
+    before = {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()}
+    with pytest.raises(NotImplementedError, match="not this setup"):
+        LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert len(closed) == 1
+    assert {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()} == before

@@ -125,3 +125,19 @@ def test_frozen_record_freezes_only_what_still_trains():
     assert (len(record), record.numel) == (1, 4)
     record.give_back()
     assert layer.weight.requires_grad and not layer.bias.requires_grad and len(record) == 0
+
+
+def test_the_record_holds_the_unit_count_the_pending_count_and_the_fraction():
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.0, order="execution")
+    freezer.update(0.5)  # the order waits for the first forward: the count waits with it
+    record = freezer.record
+    half = freezer.num_units // 2
+    assert (record.frozen_units, record.pending_units, record.saved_units) == (0, half, half)
+    assert freezer.frozen_units == 0 and freezer.fraction == record.fraction == 0.5
+    assert freezer.state_dict()["frozen_units"] == freezer.metrics()["layer_freeze/frozen_units"] == half
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert (record.frozen_units, record.pending_units) == (half, None) and freezer.frozen_units == half
+    freezer.unfreeze()
+    assert (record.frozen_units, record.pending_units, record.fraction, len(record)) == (0, None, 0.0, 0)
