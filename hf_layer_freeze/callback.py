@@ -158,14 +158,14 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         epochs = planned_epochs(state)
         self._freezing_by = resolve_freeze_every(self.freeze_every, epochs, self.freeze_start)
         self._last_forced_log = None
-        if self.freeze_every == "auto" and self.options.schedule == "linear":
+        if self.freeze_every == "auto" and not self.freezer.schedule.acts_every_step:
             logger.info(
                 "freeze_every='auto': freezing by %s (%s epoch(s) of %d steps).",
                 self._freezing_by,
                 epochs or "an unknown number of",
                 state.max_steps,
             )
-        if self.options.schedule != "adaptive":  # the adaptive schedule checks every `check_every` steps
+        if not self.freezer.schedule.acts_every_step:  # the adaptive schedule checks every `check_every` steps
             coarse = coarse_epochs_warning(
                 self.freeze_every, epochs, state.max_steps, self.freeze_start, self.freeze_level
             )
@@ -209,9 +209,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         # on_epoch_end, which comes after this step's log and checkpoint: the log at this step shows the freeze
         # (the Trainer drops a second log at the same step) and the checkpoint holds it.
         # When to update is `schedule.updates_at_step`, the one rule `plan` simulates too.
-        adaptive = self.options.schedule == "adaptive"  # checks every `check_every` steps, whatever the epochs
+        every_step = self.freezer.schedule.acts_every_step  # the adaptive schedule: every `check_every` steps
         at_epoch_end = state.epoch is not None and float(state.epoch).is_integer()
-        by = {"freezing_by": self._freezing_by, "epoch_ended": at_epoch_end, "every_step": adaptive}
+        by = {"freezing_by": self._freezing_by, "epoch_ended": at_epoch_end, "every_step": every_step}
         if updates_at_step(state.global_step, state.max_steps, **by):
             self._update(state, control)
 
