@@ -49,99 +49,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .batchnorm import keeps_eval_mode
+from .cache_keys import example_keys, take_rows
+from .cache_layout import PrefixLayout, prefix_layout
 from .events import FreezeEvent
-from .families import NoCacheCut, cache_cut, cache_support, look_through
 from .forward_hooks import ForeignHook, check_hook_internals, foreign_forward_hooks, foreign_global_forward_hooks
+from .shard_sampler import FixedShardSampler
 from .wrappers import is_compiled, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ActivationCache", "FixedShardSampler", "PrefixLayout", "prefix_layout"]
 
-# Inputs that never reach the frozen prefix, so they are not part of an example's key.
-UNKEYED_INPUTS = ("labels",)
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
-@dataclass(frozen=True)
-class PrefixLayout:
-    """
-    Where a model's frozen prefix can be cut.
-
-    Args:
-        before (`tuple[torch.nn.Module, ...]`): the modules the model calls before its first block, in order (the
-            embeddings, a stem); all must be frozen before anything is cached.
-        blocks (`tuple[torch.nn.Module, ...]`): the blocks, in order; the cut is the last block of the frozen prefix.
-        use_cache_input (`bool`): the model takes `use_cache` (a transformers decoder): training forwards get
-            `use_cache=False`, since frozen layers skipped on a hit would leave a key/value cache incomplete.
-        ancestor_parameters (`tuple[torch.nn.Parameter, ...]`): parameters held directly by the modules above the
-            blocks (a ViT's `cls_token` and `pos_embed`): all must be frozen before anything is cached.
-        above (`tuple[torch.nn.Module, ...]`): the modules between the model and the first block (the base model,
-            the encoder, a `Sequential` of blocks): their forward pre-hooks run before the prefix does.
-    """
-
-    before: tuple[nn.Module, ...]
-    blocks: tuple[nn.Module, ...]
-    use_cache_input: bool = False
-    ancestor_parameters: tuple[nn.Parameter, ...] = ()
-    above: tuple[nn.Module, ...] = ()
-
-
-def _unsupported(model: nn.Module, why: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"cache_activations=True supports {cache_support()}; {type(model).__name__} is not among them ({why}). "
-        "Caching needs a verified cut between the frozen prefix and the rest, where nothing after the cut reads the "
-        "prefix's inner values. Train it with cache_activations=False."
-    )
-
-
-def _children_before(ancestor_path: list[nn.Module]) -> list[nn.Module]:
-    """The children of each module on the path (root to container) defined before the next module on the path."""
-    before: list[nn.Module] = []
-    for parent, child in zip(ancestor_path, ancestor_path[1:], strict=False):
-        for sibling in parent.children():
-            if sibling is child:
-                break
-            before.append(sibling)
-    return before
-
-
-def _path_to(root: nn.Module, target: nn.Module) -> list[nn.Module] | None:
-    """The modules from `root` down to `target` (both included), or `None`."""
-    if root is target:
-        return [root]
-    for child in root.children():
-        path = _path_to(child, target)
-        if path is not None:
-            return [root, *path]
-    return None
-
-
-def _layout(root: nn.Module, first: nn.Module, blocks: tuple[nn.Module, ...], use_cache_input: bool = False):
-    """The layout whose blocks start at `first` (the blocks' container, or the first block), seen from `root`."""
-    path = _path_to(root, first)
-    ancestors = tuple(p for module in path[:-1] for p in module.parameters(recurse=False))
-    above = tuple(m for m in path[1:] if not any(m is block for block in blocks))
-    return PrefixLayout(tuple(_children_before(path)), blocks, use_cache_input, ancestors, above)
-
-
-def prefix_layout(model: nn.Module) -> PrefixLayout:
-    """
-    The embeddings-then-blocks layout of a supported model (see the module docstring): the cut its family knows
-    (`families/`), seen from the model.
-
-    Raises:
-        `NotImplementedError`: for any other model, naming what is missing.
-    """
-    root = unwrap_model(model)
-    inner = look_through(root)
-    try:
-        cut = cache_cut(inner)
-    except NoCacheCut as refused:
-        raise _unsupported(refused.model, refused.why) from None
-    if cut is None:
-        raise _unsupported(inner, "no transformers or timm model of a supported family inside it")
-    return _layout(root, cut.first, cut.blocks, cut.use_cache_input)
 
 
 def _frozen(module: nn.Module) -> bool:
@@ -368,7 +287,7 @@ class ActivationCache:
             self.steps += 1
             self.total_steps += 1
             return None
-        keyed = _example_keys(args, kwargs)
+        keyed = example_keys(args, kwargs)
         if keyed is None:
             return None
         keys, batch, signature = keyed
@@ -453,7 +372,7 @@ class ActivationCache:
                 step.hidden = original(hidden, *args, **kwargs)
             else:
                 select = torch.tensor(rows, device=hidden.device)
-                sub_args, sub_kwargs = _rows(args, step.batch, select), _rows(kwargs, step.batch, select)
+                sub_args, sub_kwargs = take_rows(args, step.batch, select), take_rows(kwargs, step.batch, select)
                 computed = original(hidden.index_select(0, select), *sub_args, **sub_kwargs)
                 # the other rows wait for their own cut (a stage may change the shape: a new tensor)
                 waiting = computed.new_zeros((step.batch, *computed.shape[1:]))
@@ -505,106 +424,3 @@ def _device_of(args: tuple, kwargs: dict, fallback: nn.Module) -> torch.device:
         if isinstance(value, torch.Tensor):
             return value.device
     return next(fallback.parameters()).device
-
-
-def _rows(value: Any, batch: int, select: torch.Tensor) -> Any:
-    """`value` with every tensor of at least 2 dimensions whose first is the batch indexed by `select`."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, select.to(value.device)) if value.ndim >= 2 and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_rows(v, batch, select) for v in value)
-    if isinstance(value, list):
-        return [_rows(v, batch, select) for v in value]
-    if isinstance(value, dict):
-        return {k: _rows(v, batch, select) for k, v in value.items()}
-    return value
-
-
-def _example_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], int, tuple] | None:
-    """
-    Per example, the exact bytes of every input tensor (name, dtype and shape included), the batch size, and the
-    batch's signature (names, per-example shapes and dtypes). `None` when the forward has no batched tensor input.
-    """
-    named = [(f"arg{i}", v) for i, v in enumerate(args)] + sorted(kwargs.items())
-    tensors = [(n, v) for n, v in named if isinstance(v, torch.Tensor) and v.ndim >= 1 and n not in UNKEYED_INPUTS]
-    if not tensors:
-        return None
-    batch = tensors[0][1].shape[0]
-    tensors = [(n, v) for n, v in tensors if v.shape[0] == batch]
-    signature = tuple((n, tuple(v.shape[1:]), str(v.dtype)) for n, v in tensors)
-    host = [v.detach().to("cpu").contiguous() for _, v in tensors]
-    header = repr(signature).encode()
-    keys = [header + b"".join(_row_bytes(t, row) for t in host) for row in range(batch)]
-    return keys, batch, signature
-
-
-def _row_bytes(tensor: torch.Tensor, row: int) -> bytes:
-    """The exact bytes of one example of a contiguous host tensor, whatever its dtype (bfloat16 included)."""
-    return tensor[row : row + 1].reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-class FixedShardSampler(torch.utils.data.Sampler[int]):
-    """
-    A `DistributedSampler` for activation caching: each rank keeps the same shard of the dataset every epoch and
-    shuffles within it (`set_epoch`), so the examples it cached come back to it.
-
-    Each rank caches the examples it sees. `DistributedSampler` (and Accelerate's sharding of a shuffled loader)
-    deals a new random share of the dataset to each rank every epoch: an example a rank cached is in its share again
-    with probability 1/world_size, and a batch of B examples is whole in its cache with probability about
-    (1/world_size)^B: almost never. Keeping the shards fixed makes every batch after the first epoch a hit; the cost
-    is that an example only ever meets the examples of its own shard in a rank's batch (the global batch still mixes
-    all shards).
-
-    Args:
-        dataset (`Sized`): the dataset (only its length is used).
-        num_replicas (`int`, *optional*): the world size (default: the process group's).
-        rank (`int`, *optional*): this process's rank (default: the process group's).
-        seed (`int`, *optional*, defaults to 0): seeds the shards (fixed for the run) and each epoch's shuffle.
-        drop_last (`bool`, *optional*, defaults to `False`): drop the tail so that shards are equal, instead of
-            repeating examples as `DistributedSampler` does.
-
-    Example:
-
-    ```python
-    >>> from hf_layer_freeze.activation_cache import FixedShardSampler
-    >>> sampler = FixedShardSampler(range(10), num_replicas=2, rank=1, seed=0)
-    >>> first = list(sampler); sampler.set_epoch(1); second = list(sampler)
-    >>> sorted(first) == sorted(second) and len(first) == 5
-    True
-
-    ```
-    """
-
-    def __init__(
-        self, dataset: Any, num_replicas: int | None = None, rank: int | None = None, seed: int = 0, drop_last=False
-    ) -> None:
-        import torch.distributed as dist
-
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if (
-            not isinstance(num_replicas, int)
-            or num_replicas < 1
-            or not isinstance(rank, int)
-            or not 0 <= rank < num_replicas
-        ):
-            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank!r}, num_replicas={num_replicas!r}")
-        size = len(dataset)
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-        per_rank = size // num_replicas if drop_last else -(-size // num_replicas)
-        order = (order * 2)[: per_rank * num_replicas] if not drop_last else order[: per_rank * num_replicas]
-        self.shard = order[rank::num_replicas]
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle the shard differently in epoch `epoch` (the shard itself stays)."""
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
-        return iter([self.shard[i] for i in torch.randperm(len(self.shard), generator=generator).tolist()])
-
-    def __len__(self) -> int:
-        return len(self.shard)
