@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .callback import LayerFreezingCallback
+from .families import ModelFamily, register_family
 from .freezer import FreezeResult, LayerFreezer
 from .heads import Head, find_head
 from .options import FreezeOptions
@@ -24,10 +25,12 @@ __all__ = [
     "Head",
     "LayerFreezer",
     "LayerFreezingCallback",
+    "ModelFamily",
     "__version__",
     "find_head",
     "freezable_units",
     "freeze_fraction",
     "frozen_param_groups",
     "num_units_to_freeze",
+    "register_family",
 ]
