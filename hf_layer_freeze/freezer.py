@@ -166,6 +166,23 @@ class LayerFreezer(ListenerHost):
         """`method` of the schedule and of each listener that has it (metrics and checkpoint state)."""
         return [getattr(p, method) for p in (self.schedule, *self.listeners) if callable(getattr(p, method, None))]
 
+    def _joined(self, base: dict[str, Any], method: str) -> dict[str, Any]:
+        """`base` with what each part's `method` returns; a key given twice is an error (a part would overwrite the
+        freezer's count, or another part's value, in a log or a checkpoint)."""
+        joined = dict(base)
+        for part in (self.schedule, *self.listeners):
+            if not callable(getattr(part, method, None)):
+                continue
+            values = getattr(part, method)()
+            taken = sorted(set(values) & set(joined))
+            if taken:
+                raise ValueError(
+                    f"{type(part).__name__}.{method}() returns {taken}, already given by the freezer or "
+                    f"another listener: use keys of its own (for instance prefixed with its name)"
+                )
+            joined.update(values)
+        return joined
+
     def unfreeze(self) -> FreezeResult:
         """
         Give the model back as it was given: every parameter this freezer froze requires gradients again and is back
@@ -301,20 +318,14 @@ class LayerFreezer(ListenerHost):
         Returns:
             `dict[str, float]`: the metrics by name.
         """
-        metrics = self.record.metrics()
-        for part_metrics in self._parts("metrics"):
-            metrics.update(part_metrics())
-        return metrics
+        return self._joined(self.record.metrics(), "metrics")
 
     # Checkpointing through `accelerator.register_for_checkpointing`.
     def state_dict(self) -> dict[str, Any]:
         """The freezer's progress: how many units are frozen (or waiting to be), the names of the parameters it
         froze, the fraction reached, and what its schedule and listeners keep (for the adaptive schedule the
         gradient-norm history its next check compares with)."""
-        state = self.record.state_dict(self.num_units)
-        for part_state in self._parts("state_dict"):
-            state.update(part_state())
-        return state
+        return self._joined(self.record.state_dict(self.num_units), "state_dict")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Re-apply the freeze recorded by `state_dict()` (monotonic: never unfreezes). States saved before the

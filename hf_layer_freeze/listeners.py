@@ -77,7 +77,7 @@ class ListenerHost:
             listener (`FreezeListener`): an object with `on_freeze_event(event)` and `close()` methods.
 
         Raises:
-            `ValueError`: `listener` lacks one of those methods.
+            `ValueError`: `listener` lacks one of those methods, or was added already.
             `RuntimeError`: the freezer is closed.
 
         Example: see `events.FreezeListener`.
@@ -86,6 +86,8 @@ class ListenerHost:
             raise ValueError(f"listener must have on_freeze_event(event) and close() methods, got {listener!r}")
         if self._closed:
             raise RuntimeError("add_listener: this LayerFreezer is closed; build a new one")
+        if any(listener is known for known in self.listeners):
+            raise ValueError(f"listener was added already (it would be notified twice), got {listener!r}")
         self.listeners.append(listener)
 
     def _notify(self, event: FreezeEvent) -> None:

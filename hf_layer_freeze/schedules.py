@@ -9,7 +9,8 @@ state. `build_schedule` makes the one the `schedule` option names, from `SCHEDUL
 - `"linear"` (`LinearSchedule`): the method card's clock, `schedule.freeze_fraction` turned into a unit count;
 - `"adaptive"` (`adaptive.AdaptiveSchedule`): the prefix of units whose gradient norm has settled.
 
-A new schedule (gradual unfreezing, say) is a class with the `FreezeSchedule` methods and one line in `SCHEDULES`.
+A new schedule (gradual unfreezing, say) is a class with the `FreezeSchedule` methods, one line in `SCHEDULES` and
+its name among the `schedule` option's allowed values (`options.SCHEDULES`).
 """
 
 from __future__ import annotations

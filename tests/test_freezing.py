@@ -580,6 +580,26 @@ def test_a_listener_added_from_outside_is_notified_reports_and_is_closed_with_th
         LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1)).add_listener(object())
 
 
+def test_a_listener_may_not_overwrite_the_freezers_metrics_or_state_nor_be_added_twice():
+    """A listener returning a key the freezer (or another listener) gives would silently change a logged count or a
+    checkpoint's `frozen_units`: it is an error naming the listener and the key."""
+    model = tiny_timm()
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), freeze_start=0.0)
+    log = _EventLog()
+    freezer.add_listener(log)
+    with pytest.raises(ValueError, match="added already"):
+        freezer.add_listener(log)
+    freezer.update(0.5)
+    log.metrics = lambda: {"layer_freeze/fraction": 42.0}
+    with pytest.raises(ValueError, match=r"_EventLog\.metrics\(\) returns \['layer_freeze/fraction'\]"):
+        freezer.metrics()
+    log.state_dict = lambda: {"frozen_units": 0}
+    with pytest.raises(ValueError, match=r"_EventLog\.state_dict\(\) returns \['frozen_units'\]"):
+        freezer.state_dict()
+    del log.metrics, log.state_dict  # its own keys again
+    assert freezer.state_dict()["frozen_units"] == freezer.frozen_units > 0
+
+
 def test_the_engine_applies_a_lower_count_a_schedule_returns_by_giving_units_back():
     model = tiny_timm()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
