@@ -19,7 +19,7 @@ from transformers.trainer_callback import ExportableState
 from .compiled import resolve_max_freeze_events
 from .freezer import FreezeResult, LayerFreezer
 from .options import CallbackOptions, CallbackOptionsKwargs, Unpack, document_options
-from .schedule import coarse_epochs_warning, resolve_freeze_every, updates_at_step
+from .schedule import coarse_epochs_warning, progress_at_step, resolve_freeze_every, updates_at_step
 from .trainer_internals import attach_to_trainer, planned_epochs, replaced_callbacks
 from .trainer_resume import give_back_kept_frozen, resume_freeze
 from .wrappers import unwrap_model
@@ -251,8 +251,6 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     def _update(self, state: TrainerState, control: TrainerControl) -> None:
         if self.freezer is None:
             raise RuntimeError("LayerFreezingCallback got a step before on_train_begin")
-        if state.global_step >= state.max_steps:
-            return  # after the last step a freeze saves nothing: the model ends as it trained
         result = self.freezer.update(self._progress(state))
         if not result.changed:
             return
@@ -268,9 +266,7 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _progress(state: TrainerState) -> float:
-        if not state.max_steps or state.max_steps <= 0:
-            raise ValueError(f"state.max_steps must be positive to compute training progress, got {state.max_steps}")
-        return min(1.0, state.global_step / state.max_steps)
+        return progress_at_step(state.global_step, state.max_steps)
 
 
 def _format_options(options: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from .compiled import resolve_max_freeze_events
 from .distributed import check_supported_wrapping
 from .events import FreezeEvent, FreezeListener
-from .heads import peft_base_model
+from .families import look_through
 from .listeners import ListenerHost, build_listeners
 from .options import FreezeOptions, FreezeOptionsKwargs, Unpack, document_options
 from .param_groups import (
@@ -113,7 +113,7 @@ class LayerFreezer(ListenerHost):
         self.model = model
         self.bare_model = unwrap_model(model)  # unwrapped once: the parts built below get this handle
         # What the other freezers of this model (in this process) hold frozen is the library's, not the user's.
-        self.ledger = ledger_for(peft_base_model(self.bare_model))
+        self.ledger = ledger_for(look_through(self.bare_model))
         held = self.ledger.held_by_others()
         self.units: list[FreezableUnit] = freezable_units(
             self.bare_model, options.granularity, options.head, held=held
@@ -163,16 +163,14 @@ class LayerFreezer(ListenerHost):
         return self.record.fraction
 
     def _parts(self, method: str) -> list[Any]:
-        """`method` of the schedule and of each listener that has it (metrics and checkpoint state)."""
-        return [getattr(p, method) for p in (self.schedule, *self.listeners) if callable(getattr(p, method, None))]
+        """The schedule and the listeners that have `method` (metrics and checkpoint state)."""
+        return [p for p in (self.schedule, *self.listeners) if callable(getattr(p, method, None))]
 
     def _joined(self, base: dict[str, Any], method: str) -> dict[str, Any]:
         """`base` with what each part's `method` returns; a key given twice is an error (a part would overwrite the
         freezer's count, or another part's value, in a log or a checkpoint)."""
         joined = dict(base)
-        for part in (self.schedule, *self.listeners):
-            if not callable(getattr(part, method, None)):
-                continue
+        for part in self._parts(method):
             values = getattr(part, method)()
             taken = sorted(set(values) & set(joined))
             if taken:
@@ -333,5 +331,5 @@ class LayerFreezer(ListenerHost):
         # while the order waits for the first forward, so do the names of a count
         self.freeze_units(FrozenRecord.saved_count(state_dict, self.units, not self._profiling.holds_freezing))
         self.record.reach(float(state_dict.get("fraction", 0.0)))
-        for load in self._parts("load_state_dict"):
-            load(state_dict)
+        for part in self._parts("load_state_dict"):
+            part.load_state_dict(state_dict)

@@ -125,7 +125,6 @@ class LinearSchedule:
         self.budget = budget
 
     def units_at(self, progress: float, freezer: LayerFreezer) -> int:
-        freeze_fraction(progress, self.options.freeze_start, self.options.freeze_level)  # validates progress
         if not self.budget.ready(freezer):
             raise RuntimeError(
                 "budget='flops' cannot count units before the first forward pass; call "

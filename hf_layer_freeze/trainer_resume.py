@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from torch import nn
 from transformers import TrainerState
 
+from .families import look_through
 from .freezer import LayerFreezer
-from .heads import peft_base_model
 from .record import ledger_for
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ def give_back_kept_frozen(model: nn.Module, state: TrainerState) -> None:
     so the checkpoint's freeze applies to the model as it was given, not on top of that run's.
 
     Args:
-        model (`nn.Module`): the bare model (DDP and compile wrappers removed; a PEFT model is unwrapped here).
+        model (`nn.Module`): the bare model (DDP and compile wrappers removed; a PEFT model is looked through here).
         state (`TrainerState`): the Trainer's state; nothing is done unless it resumes (`global_step > 0`).
     """
     if state.global_step == 0:
         return
-    kept = ledger_for(peft_base_model(model)).give_back_kept()
+    kept = ledger_for(look_through(model)).give_back_kept()
     if kept:
         logger.warning(
             "LayerFreezingCallback: resuming from a checkpoint; gave back the %d parameter tensors an earlier "
@@ -105,7 +105,7 @@ def _units_at_resume(
     units = None if saved is None else int(saved)
     if freezer.options.schedule == "adaptive":  # no schedule to recompute: only the checkpoint knows
         return units or 0
-    if freezer.options.budget == "flops" and not freezer.profiled:
+    if not freezer.schedule.budget.ready(freezer):
         from_schedule = 0  # FLOPs are counted on the first batch: only the saved count can tell
     else:
         from_schedule = freezer.num_units_at(progress)

@@ -363,3 +363,11 @@ def _at_least_zero(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return value
+
+
+def test_the_schedule_option_allows_exactly_the_schedules_that_can_be_built():
+    """The `schedule` option's allowed values (options.py, no torch) and the schedules `build_schedule` can build
+    (schedules.py) are two lists of one fact: they must not drift apart."""
+    from hf_layer_freeze import options, schedules
+
+    assert tuple(schedules.SCHEDULES) == options.SCHEDULES
