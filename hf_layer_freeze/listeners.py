@@ -21,6 +21,7 @@ from .distributed import DDPReducerSync
 from .events import FreezeEvent, FreezeListener
 from .gradient_checkpointing import CheckpointInputGrads, ReentrantCheckpointCheck
 from .rewrites import RequiresGradGuard
+from .state_offload import StateOffload
 
 if TYPE_CHECKING:
     from .freezer import LayerFreezer
@@ -37,6 +38,7 @@ LISTENERS: tuple[type, ...] = (
     CompiledCodeInvalidation,
     BatchNormLock,
     ActivationCache,
+    StateOffload,  # last: counts (and moves) the optimizer state once the others have followed the event
 )
 
 

@@ -212,6 +212,14 @@ class FreezeOptions:
         _positive_integer("bytes of host memory"),
         default_doc="4 GiB",
     )
+    offload_frozen_state: bool = option(
+        False,
+        "Move the frozen parameters' optimizer state (AdamW's two moments: twice the parameters' size) to host "
+        "memory while they are frozen, pinned when it comes from a CUDA device, and back to its device when they "
+        "train again and when the freezer gives the model back. Exact (a bitwise-equal run), checkpoints unchanged. "
+        "FSDP and schedule-free optimizers get a `NotImplementedError`. See `state_offload.py`.",
+        _boolean,
+    )
 
     def __post_init__(self) -> None:
         for each in fields(self):
@@ -295,6 +303,7 @@ class FreezeOptionsKwargs(TypedDict, total=False):
     head: str | Sequence[str] | None
     cache_activations: bool
     cache_max_bytes: int
+    offload_frozen_state: bool
 
 
 class CallbackOptionsKwargs(FreezeOptionsKwargs, total=False):
