@@ -45,7 +45,7 @@ from torch import nn
 
 from .events import FreezeEvent
 from .param_groups import frozen_param_groups, unwrap_optimizer
-from .wrappers import unwrap_model
+from .wrappers import unwrap_model, wrapper_chain
 
 if TYPE_CHECKING:
     from .freezer import LayerFreezer
@@ -184,6 +184,7 @@ class StateOffload:
     def __init__(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], offload: bool = False) -> None:
         if not isinstance(offload, bool):
             raise ValueError(f"offload must be True or False, got {offload!r}")
+        self.given_model = model
         self.model = unwrap_model(model)
         self.optimizers = [unwrap_optimizer(o) for o in optimizers]
         self._groups: list[_FrozenParamGroups] = [frozen_param_groups(o) for o in self.optimizers]
@@ -197,12 +198,13 @@ class StateOffload:
     @classmethod
     def from_freezer(cls, freezer: LayerFreezer) -> StateOffload:
         """Always on (the accounting); moves state with `offload_frozen_state=True`."""
-        return cls(freezer.bare_model, freezer.optimizers, offload=freezer.options.offload_frozen_state)
+        return cls(freezer.model, freezer.optimizers, offload=freezer.options.offload_frozen_state)
 
     def _refuse_unsupported(self) -> None:
         from .distributed import is_fsdp_managed
 
-        if is_fsdp_managed(self.model) or any(_is_dtensor(p) for p in self.model.parameters()):
+        wrapped = any(is_fsdp_managed(module) for module in wrapper_chain(self.given_model))
+        if wrapped or any(_is_dtensor(p) for p in self.model.parameters()):
             raise NotImplementedError(
                 "offload_frozen_state=True does not support FSDP: its optimizer state is sharded DTensors, saved and "
                 "loaded through torch's distributed checkpoint on the parameters' devices. Use FSDP's own CPU "
@@ -212,7 +214,8 @@ class StateOffload:
         for optimizer in self.optimizers:
             if any(callable(getattr(optimizer, name, None)) for name in ("train", "eval")):
                 raise NotImplementedError(
-                    f"offload_frozen_state=True does not support {type(optimizer).__qualname__}: it has train and "
+                    f"offload_frozen_state=True does not support {type(optimizer).__module__}."
+                    f"{type(optimizer).__qualname__}: it has train and "
                     "eval modes (a schedule-free optimizer), and each switch, which the Trainer makes at every step, "
                     "reads every parameter's state, frozen ones included, on the parameter's device. Use "
                     "offload_frozen_state=False with it."
@@ -237,8 +240,8 @@ class StateOffload:
                 "of it to the host)"
             )
         logger.info(
-            "Freeze event (%d of %d units frozen), on %s: gradients %s -> %s, optimizer state %s -> %s%s, offloaded to "
-            "host %s -> %s.",
+            "Freeze event (%d of %d units frozen), on %s: gradients %s -> %s, optimizer state %s -> %s%s, "
+            "offloaded to host %s -> %s.",
             event.frozen_units,
             len(event.units),
             "/".join(after.device_types) or "no device",
@@ -359,4 +362,3 @@ class StateOffload:
 
 def _tensors(state: Any) -> Iterable[tuple[Any, torch.Tensor]]:
     return ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor)) if isinstance(state, dict) else ()
-
