@@ -224,6 +224,8 @@ class StateOffload:
     # The listener protocol.
     def on_freeze_event(self, event: FreezeEvent) -> None:
         """Move state to follow the event (with offload), and log the bytes before and after it."""
+        if not event.parameters and not self.offload:
+            return  # nothing changed (the event announcing the freezer, a new unit order): nothing to count
         before = self.count()
         moved = self.follow_frozen()
         if not event.parameters and not moved:

@@ -84,6 +84,7 @@ def test_offload_moves_frozen_state_to_host_tensors_of_its_own_and_back_and_the_
         assert {id(v) for v in frozen_state} == {id(v) for v in seen["offloaded"]}
         assert all(v.device.type == "cpu" for v in seen["offloaded"])
         assert not {id(v) for v in frozen_state} & set(seen["before"])
+        assert not {v.data_ptr() for v in frozen_state} & {v.data_ptr() for v in seen["before"].values()}
         assert seen["count"] == len([p for p in seen["frozen"] if seen["state"][id(p)]]) > 0
         # the accounting: offloaded = the frozen state's bytes; on the device what the trainable parameters keep
         metrics = seen["metrics"]
