@@ -23,12 +23,14 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
+# One pytest-xdist worker per core, each with one torch thread: the tests' tiny models keep about one thread busy, and
+# two threads per worker on shared cores spin.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto -q --durations=10
 
 # The inner loop: everything but the 2-process runs and the tests marked slow (under a minute on 2 cores).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto -q -m "not slow and not multiprocess"
 
 $(MIN_VENV)/bin/.installed: pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(MIN_VENV)
@@ -38,7 +40,7 @@ $(MIN_VENV)/bin/.installed: pyproject.toml constraints-min.txt
 
 # The version-sensitive tests again, on the oldest declared torch, transformers, accelerate and timm.
 test-min: $(MIN_VENV)/bin/.installed
-	$(MIN_VENV)/bin/python -m pytest -q --durations=5 $(MIN_TESTS)
+	OMP_NUM_THREADS=1 $(MIN_VENV)/bin/python -m pytest -n auto -q --durations=5 $(MIN_TESTS)
 
 demo: $(BIN)/.installed
 	$(BIN)/accelerate launch $(LAUNCH) examples/train_timm.py
