@@ -80,10 +80,10 @@ def test_plan_command_prints_writes_json_and_plots(tmp_path):
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plan_command_rejects_an_unknown_model():
-    proc = subprocess.run([sys.executable, "-m", "hf_layer_freeze", "plan", "--model", "resnet_nope", "--epochs", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "--model: 'resnet_nope' is not a timm model name" in proc.stderr
+def test_plan_command_rejects_an_unknown_model(capsys):
+    with pytest.raises(SystemExit) as exit_:  # `main` is what `python -m hf_layer_freeze plan` runs
+        main(["plan", "--model", "resnet_nope", "--epochs", "3"])
+    assert exit_.value.code == 2 and "--model: 'resnet_nope' is not a timm model name" in capsys.readouterr().err
 
 
 # A 2-layer Llama small enough for a plan in seconds; the same sizes as --config-overrides and as LlamaConfig kwargs.
