@@ -14,12 +14,30 @@ families whose structure it knows:
 Once the embeddings (or stem) and a prefix of blocks are all frozen, the output of the last frozen block (the *cut*)
 for each training example is kept in host memory, keyed by the exact bytes of every input tensor of that example
 (dtype and shape included; `labels` never reach the prefix and are left out): changed or augmented inputs simply
-miss and are computed. A training step whose examples are all cached skips the prefix: the frozen modules before the
-cut return placeholders (zeros of the shape they returned for inputs of this shape, which no computation after the
-cut reads on these families) and the cut returns the cached outputs. When the frozen prefix grows, outputs cached at
-an older cut serve the new one: only the blocks frozen since run on them, and the entry moves to the new cut. When
-the examples of one batch were cached at different cuts, each block runs on the rows that need it (a sub-batch, so
-those rows match an uncached run to floating-point rounding rather than bitwise).
+miss and are computed. A training batch takes each example that is cached from the cache and runs the prefix
+only on the others (the *rows* of the batch that are not cached), so the share of rows served is the share of
+examples cached, not that share to the power of the batch size:
+
+- the modules of the prefix that own parameters (the embeddings or stem, then each block) run on the rows that need
+  them: a row not cached needs every one, the embeddings (or stem) included, which take the model's raw inputs, of
+  which those rows are taken; a row cached at an older cut needs the blocks frozen since (the frozen prefix grew:
+  its entry then moves to the new cut); a row cached at the cut needs none;
+- each such module returns the whole batch: the rows computed, the rows cached at it taken from the cache, zeros
+  for the rows cached further on (no computation after the cut reads them on these families; modules that own no
+  parameters, such as an activation or a rotary embedding, run on the whole batch, placeholders included);
+- the rows computed at the cut are stored, as far as the budget holds them.
+
+Exactness: a batch whose rows are all computed, or all served from one cut, runs every module of the prefix on the
+whole batch, as an uncached run does, and is bitwise equal to it. A batch that mixes rows (cached and not, or cached
+at different cuts) runs modules on a sub-batch, whose kernels may round differently for another batch size: its rows
+match an uncached run to floating-point rounding (tested to 1e-5 on one step of a tiny Llama, BERT and timm ResNet),
+not bitwise.
+
+Counted for the logs: the forwards served entirely, the rows served, and the prefix's forward FLOPs those rows did
+not compute. The FLOPs of each module of the prefix are counted once per input signature (per-example shapes and
+dtypes), with `torch.utils.flop_counter.FlopCounterMode`, on the first forward that runs it for that signature (on
+one row beside it, without gradient, when its inputs require one), and credited per row served; counting changes
+nothing that is computed.
 
 With caching on, the frozen prefix runs in eval mode whether a step hits or misses (dropout, timm's drop-path and
 drop-block off, BatchNorm on its running statistics), so a cached output is exactly what the prefix computes: a
@@ -29,8 +47,10 @@ that could change its inputs after they were keyed, or a global one, steps are c
 names each hook, once). NEFTune (`TrainingArguments(neftune_noise_alpha=...)`) is refused by name: it noises the
 embeddings only in training mode and differently at every step, so the prefix's output never repeats.
 
-Past `cache_max_bytes` (outputs and keys together), new examples are computed and not stored; nothing is ever served
-that was not computed from the same inputs by the same frozen weights (unfreezing empties the cache).
+Past `cache_max_bytes` (outputs and keys together), new examples are computed and not stored (the budget is checked
+before anything is copied to the host, and only the rows that fit are copied); nothing is ever served that was not
+computed from the same inputs by the same frozen weights (unfreezing empties the cache). A cache that serves nothing
+costs one walk over the prefix's modules per step (eval mode, foreign hooks) and the examples' keys.
 
 Not supported, refused by name: compiled models (the cache decides in Python per step), FSDP (each frozen module
 gathers its shards in forward: ranks that skip it would desynchronize the collectives).
@@ -49,10 +69,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .batchnorm import keeps_eval_mode
-from .cache_keys import example_keys, take_rows
+from .cache_keys import batch_size, example_keys, take_rows
 from .cache_layout import PrefixLayout, prefix_layout
 from .events import FreezeEvent
-from .forward_hooks import ForeignHook, check_hook_internals, foreign_forward_hooks, foreign_global_forward_hooks
+from .forward_hooks import (
+    ForeignHook,
+    check_hook_internals,
+    foreign_forward_hooks,
+    foreign_global_forward_hooks,
+    may_be_parametrized,
+    walk_modules,
+)
 from .shard_sampler import FixedShardSampler
 from .wrappers import is_compiled, unwrap_model
 
@@ -67,6 +94,9 @@ def _frozen(module: nn.Module) -> bool:
     return all(not p.requires_grad for p in module.parameters())
 
 
+MISSING = -2  # the cut of a row that is not in the cache: it needs every level, the `before` modules (-1) included
+
+
 @dataclass
 class _Entry:
     cut: int
@@ -76,26 +106,33 @@ class _Entry:
 
 @dataclass
 class _Step:
-    """What the current training forward does: `entries` is None on a miss."""
+    """What the current training forward does: for each row, its cached entry (`None`: not cached) and the cut it was
+    cached at (`MISSING` when not cached)."""
 
     keys: list[bytes]
     batch: int
     signature: tuple
-    entries: list[_Entry] | None = None
-    hidden: torch.Tensor | None = None  # a hit: the batch's state at the block being run
+    entries: list[_Entry | None]
+    cuts: list[int]
+    served: int  # rows taken from the cache; 0: the prefix runs on the whole batch as without caching
     shapes: dict[int, tuple] = field(default_factory=dict)
 
 
 class ActivationCache:
     """
-    A freeze listener that caches the frozen prefix's output per training example and skips the prefix's forward
-    when a whole batch is cached (see the module docstring).
+    A freeze listener that caches the frozen prefix's output per training example and, for the examples of a batch
+    that are cached, skips the prefix's forward: it runs only on the rows that are not (see the module docstring).
 
     Args:
         model (`torch.nn.Module`):
             The model, bare or wrapped (DDP, PEFT).
         max_bytes (`int`):
             Host-memory budget for cached outputs and their keys, in bytes.
+
+    Attributes:
+        total_steps, total_hits (`int`): training forwards looked up, and those served entirely, over its life.
+        total_rows, total_rows_served (`int`): their rows (examples), and those taken from the cache.
+        total_flops_skipped (`float`): forward FLOPs of the prefix not computed for the rows served.
 
     Raises:
         `NotImplementedError`: a model family it does not know, a compiled model, FSDP, NEFTune's hook on the prefix
@@ -123,15 +160,22 @@ class ActivationCache:
         self.bytes = 0
         self._entries: dict[bytes, _Entry] = {}
         self._shapes: dict[tuple, dict[int, tuple]] = {}  # input signature -> module index -> (shape, dtype)
+        # (input signature, module index) -> one example's forward FLOPs of that module, counted at its first run
+        self._flops: dict[tuple, float] = {}
+        self._levels: list[int] = []  # module index -> level (-1: before the blocks)
         self._step: _Step | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped: list[tuple[nn.Module, Callable]] = []
         self._warned_eval_mode = False
         self._warned_hooks: set[tuple[int, str]] = set()
-        self.steps = self.hits = 0  # since the last `take_metrics()`
-        self.total_steps = self.total_hits = 0  # over the freezer's life
+        # since the last `take_metrics()`
+        self.steps = self.hits = self.rows = self.rows_served = 0
+        self.flops_skipped = 0.0
+        # over the freezer's life
+        self.total_steps = self.total_hits = self.total_rows = self.total_rows_served = 0
+        self.total_flops_skipped = 0.0
         # The Trainer activates NEFTune in `train()`, before the callbacks' on_train_begin builds this: refuse it now.
-        self._refuse_neftune(self._foreign_hooks([*self.layout.before, *self.layout.blocks]))
+        self._refuse_neftune(self._foreign_hooks(walk_modules([*self.layout.before, *self.layout.blocks])))
 
     @classmethod
     def from_freezer(cls, freezer: Any) -> ActivationCache | None:
@@ -176,12 +220,27 @@ class ActivationCache:
         self._step = None
 
     def take_metrics(self) -> dict[str, float]:
-        """`layer_freeze/cache_hit_rate` (share of training forwards since the last call served from the cache; left
-        out when there was none) and `layer_freeze/cache_bytes` (host memory held now)."""
+        """
+        The cache's metrics since the last call, under `layer_freeze/`:
+
+        - `cache_hit_rate`: the share of training forwards served entirely from the cache (the prefix's forward
+          skipped for every row);
+        - `cache_rows_served`: the rows (examples) taken from the cache; `cache_row_hit_rate`: their share of the
+          rows of those forwards;
+        - `cache_forward_flops_skipped`: the prefix's forward FLOPs not computed for those rows;
+        - `cache_bytes`: host memory held now.
+
+        All but `cache_bytes` are left out when there was no training forward since the last call.
+        """
         metrics: dict[str, float] = {"layer_freeze/cache_bytes": self.bytes}
         if self.steps:  # no training forward since the last call (the Trainer's closing log): no rate to report
             metrics["layer_freeze/cache_hit_rate"] = self.hits / self.steps
-        self.steps = self.hits = 0
+            metrics["layer_freeze/cache_rows_served"] = self.rows_served
+            if self.rows:
+                metrics["layer_freeze/cache_row_hit_rate"] = self.rows_served / self.rows
+            metrics["layer_freeze/cache_forward_flops_skipped"] = self.flops_skipped
+        self.steps = self.hits = self.rows = self.rows_served = 0
+        self.flops_skipped = 0.0
         return metrics
 
     # --- hooks ----------------------------------------------------------------------------------------------------
@@ -197,6 +256,7 @@ class ActivationCache:
             wrapper = self._wrap(module, level, index, module.forward)
             module.forward = wrapper  # the way Accelerate's hooks replace a module's forward
             self._wrapped.append((module, wrapper))
+            self._levels.append(level)
 
     def _region(self) -> list[nn.Module]:
         return [*self.layout.before, *self.layout.blocks[: self.cut + 1]]
@@ -216,18 +276,19 @@ class ActivationCache:
 
     # --- forward hooks a hit would skip ---------------------------------------------------------------------------
     def _foreign_hooks(self, prefix: list[nn.Module]) -> list[ForeignHook]:
-        """The foreign hooks a hit would skip or feed stale values: those on every module of `prefix`, the pre-hooks
-        of the modules above it and the model's pre-hooks that run after the cache's (they may change the prefix's
-        inputs after the cache keyed them), and the global ones."""
+        """The foreign hooks a hit would skip or feed stale values: those on every module of `prefix` (every module
+        of the frozen prefix, from `walk_modules`), the pre-hooks of the modules above it and the model's pre-hooks
+        that run after the cache's (they may change the prefix's inputs after the cache keyed them), and the global
+        ones."""
         found = foreign_global_forward_hooks()
-        found += foreign_forward_hooks(m for top in prefix for m in top.modules())
-        found += self._changed_without_hooks(m for top in prefix for m in top.modules())
+        found += foreign_forward_hooks(prefix)
+        found += self._changed_without_hooks(prefix)
         found += foreign_forward_hooks(self.layout.above, pre_hooks_only=True)
         if self._handles:
             found += foreign_forward_hooks([self.model], pre_hooks_only=True, after=self._handles[0].id)
         return found
 
-    def _changed_without_hooks(self, modules: Any) -> list[ForeignHook]:
+    def _changed_without_hooks(self, modules: list[nn.Module]) -> list[ForeignHook]:
         """What changes a prefix module's output without a torch hook, which a hit would skip just the same: a
         `forward` replaced on the instance (Accelerate's `add_hook_to_module`, a monkey-patch; the cache's own
         wrappers excepted) and a parametrization (`torch.nn.utils.parametrize`)."""
@@ -238,7 +299,7 @@ class ActivationCache:
             if forward is not None and id(forward) not in ours:
                 name = getattr(forward, "__qualname__", type(forward).__name__)
                 found.append(ForeignHook(module, "replaced forward", name, neftune=False))
-            if parametrize.is_parametrized(module):
+            if may_be_parametrized(module) and parametrize.is_parametrized(module):
                 found.append(ForeignHook(module, "parametrization", type(module).__name__, neftune=False))
         return found
 
@@ -278,32 +339,46 @@ class ActivationCache:
             return None
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             return None  # the skipped layers' outputs are asked for: compute them
-        region = self._region()
-        for region_module in region:
-            region_module.eval()
-        foreign = self._foreign_hooks(region)
-        if foreign:  # checked at every step: a hook may come at any time
+        # one walk over the prefix at every step: a hook may come at any time, and `model.train()` comes every step
+        prefix = walk_modules(self._region())
+        _put_in_eval_mode(prefix)
+        foreign = self._foreign_hooks(prefix)
+        if foreign:
             self._compute_because_of(foreign)
-            self.steps += 1
-            self.total_steps += 1
+            self._count(batch_size(args, kwargs), served=0, whole=False, flops=0.0)
             return None
         keyed = example_keys(args, kwargs)
         if keyed is None:
             return None
         keys, batch, signature = keyed
         entries = [self._entries.get(key) for key in keys]
-        self.steps += 1
-        self.total_steps += 1
-        step = _Step(keys=keys, batch=batch, signature=signature)
-        if all(e is not None for e in entries) and signature in self._shapes:
-            step.entries = entries
-            step.shapes = self._shapes[signature]
-            self.hits += 1
-            self.total_hits += 1
-        self._step = step
+        served = sum(entry is not None for entry in entries)
+        if served and signature not in self._shapes:  # cannot happen: an entry's signature was computed once
+            entries, served = [None] * batch, 0
+        cuts = [MISSING if entry is None else entry.cut for entry in entries]
+        flops = sum(self._prefix_flops(signature, cut) for cut in cuts if cut != MISSING)
+        self._count(batch, served, served == batch, flops)
+        self._step = _Step(keys, batch, signature, entries, cuts, served, self._shapes.setdefault(signature, {}))
         if self.layout.use_cache_input and kwargs.get("use_cache") is not False:
             return args, {**kwargs, "use_cache": False}
         return None
+
+    def _count(self, batch: int, served: int, whole: bool, flops: float) -> None:
+        self.steps += 1
+        self.total_steps += 1
+        self.hits += whole
+        self.total_hits += whole
+        self.rows += batch
+        self.total_rows += batch
+        self.rows_served += served
+        self.total_rows_served += served
+        self.flops_skipped += flops
+        self.total_flops_skipped += flops
+
+    def _prefix_flops(self, signature: tuple, cut: int) -> float:
+        """One example's forward FLOPs of the prefix's modules up to block `cut` (those a row cached there skips)."""
+        levels = enumerate(self._levels)
+        return sum(self._flops.get((signature, index), 0.0) for index, level in levels if level <= cut)
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._step = None
@@ -313,81 +388,139 @@ class ActivationCache:
             step = self._step
             if step is None or level > self.cut:
                 return original(*args, **kwargs)
-            if step.entries is None:
-                output = original(*args, **kwargs)
-                self._record(step, index, level, output)
+            if not step.served:  # nothing cached: the whole batch runs as without caching
+                output = self._run(step, index, original, args, kwargs)
+                self._check(output, step.batch, level)
+                step.shapes[index] = (tuple(output.shape[1:]), output.dtype)
+                if level == self.cut:
+                    self._store(step, output.detach(), range(step.batch), level)
                 return output
             return self._serve(step, index, level, original, args, kwargs)
 
         return forward
 
-    # --- a miss: compute, and keep ------------------------------------------------------------------------------
-    def _record(self, step: _Step, index: int, level: int, output: Any) -> None:
-        if not isinstance(output, torch.Tensor) or output.shape[:1] != (step.batch,):
+    def _run(self, step: _Step, index: int, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """`original(*args, **kwargs)`; the first time this module runs for inputs of this signature, its forward
+        FLOPs are counted too (for `cache_forward_flops_skipped`), without changing what it computes."""
+        key = (step.signature, index)
+        if key in self._flops:
+            return original(*args, **kwargs)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        rows = _rows_of(args, kwargs)
+        if torch.is_grad_enabled() and _requires_grad((args, kwargs)):
+            # FlopCounterMode's module tracker would hook into this forward's backward: count one row on the side,
+            # without gradient (eval mode, no state changed), and run the batch untouched
+            output = original(*args, **kwargs)
+            first = torch.zeros(1, dtype=torch.long)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                original(*take_rows(args, rows, first), **take_rows(kwargs, rows, first))
+            self._flops[key] = float(counter.get_total_flops())
+            return output
+        with FlopCounterMode(display=False) as counter:
+            output = original(*args, **kwargs)
+        self._flops[key] = counter.get_total_flops() / max(1, rows)
+        return output
+
+    def _check(self, output: Any, rows: int, level: int) -> None:
+        if not isinstance(output, torch.Tensor) or output.shape[:1] != (rows,):
             raise NotImplementedError(
                 f"cache_activations=True: {type(self.layout.blocks[0]).__name__ if level >= 0 else 'a module'} "
-                f"returned {type(output).__name__}, not one tensor of batch size {step.batch}; this model cannot be "
+                f"returned {type(output).__name__}, not one tensor of batch size {rows}; this model cannot be "
                 "cached. Use cache_activations=False."
             )
-        self._shapes.setdefault(step.signature, {})[index] = (tuple(output.shape[1:]), output.dtype)
-        if level == self.cut:
-            self._store(step, output.detach(), range(step.batch), level)
 
+    # --- a miss: keep what fits ------------------------------------------------------------------------------------
     def _store(self, step: _Step, output: torch.Tensor, rows: range | list[int], cut: int) -> None:
-        host = output.to("cpu")
+        """Keep the rows of `output` that fit in the budget; only those are copied to the host."""
+        row_bytes = output[0].numel() * output.element_size() if len(output) else 0
+        fitting, projected = [], self.bytes
         for row in rows:
             key = step.keys[row]
-            tensor = host[row].clone()
-            nbytes = tensor.numel() * tensor.element_size() + len(key)
+            old = self._entries.get(key)
+            delta = row_bytes + len(key) - (old.nbytes if old is not None else 0)
+            if projected + delta <= self.max_bytes:  # past it: computed each time, never served stale
+                fitting.append(row)
+                projected += delta
+        if not fitting:
+            return
+        if len(fitting) == step.batch:
+            host = output.to("cpu")
+        else:
+            host = output.index_select(0, torch.tensor(fitting, device=output.device)).to("cpu")
+        for position, row in enumerate(fitting):
+            key = step.keys[row]
+            tensor = host[position].clone()  # its own storage: an entry never holds its batch's memory
+            nbytes = row_bytes + len(key)
             old = self._entries.get(key)
             delta = nbytes - (old.nbytes if old is not None else 0)
             if self.bytes + delta > self.max_bytes:
-                continue  # over budget: computed each time, never served stale
+                continue  # an example twice in one batch
             self._entries[key] = _Entry(cut, tensor, nbytes)
             self.bytes += delta
 
-    # --- a hit: skip the prefix -----------------------------------------------------------------------------------
+    # --- some rows cached: run the prefix on the others -----------------------------------------------------------
     def _serve(self, step: _Step, index: int, level: int, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """The batch's output of this module: computed for the rows cached before it (or not at all), taken from the
+        cache for the rows cached at it, zeros for the rows cached after it (no computation after the cut reads
+        them on the supported families)."""
+        need = [row for row, cut in enumerate(step.cuts) if cut < level]
+        here = [row for row, cut in enumerate(step.cuts) if cut == level]
         device = _device_of(args, kwargs, self.layout.blocks[0])
-        lowest = min(entry.cut for entry in step.entries)
-        if level < lowest:
+        if not need and len(here) == step.batch:
+            output = torch.stack([entry.output for entry in step.entries]).to(device)
+        elif not need:
             shape, dtype = step.shapes[index]
-            return torch.zeros((step.batch, *shape), dtype=dtype, device=device)
-        if level == lowest:
-            rows = [r for r, e in enumerate(step.entries) if e.cut == level]
-            if len(rows) == step.batch:
-                step.hidden = torch.stack([e.output for e in step.entries]).to(device)
-            else:
-                shape, dtype = step.shapes[index]
-                step.hidden = torch.zeros((step.batch, *shape), dtype=dtype, device=device)
-                self._place(step, rows, device)
-            step.shapes[index] = (tuple(step.hidden.shape[1:]), step.hidden.dtype)
-            return step.hidden
-        # a block frozen since some of these rows were cached: run it on those rows only
-        rows = [r for r, e in enumerate(step.entries) if e.cut < level]
-        hidden = step.hidden
-        args, kwargs = (args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-        with torch.no_grad():
-            if len(rows) == step.batch:
-                step.hidden = original(hidden, *args, **kwargs)
-            else:
-                select = torch.tensor(rows, device=hidden.device)
-                sub_args, sub_kwargs = take_rows(args, step.batch, select), take_rows(kwargs, step.batch, select)
-                computed = original(hidden.index_select(0, select), *sub_args, **sub_kwargs)
-                # the other rows wait for their own cut (a stage may change the shape: a new tensor)
-                waiting = computed.new_zeros((step.batch, *computed.shape[1:]))
-                step.hidden = waiting.index_copy(0, select, computed)
-        self._place(step, [r for r, e in enumerate(step.entries) if e.cut == level], device)
-        step.shapes[index] = (tuple(step.hidden.shape[1:]), step.hidden.dtype)  # for hits from a deeper cut
-        if level == self.cut:
-            self._store(step, step.hidden, rows, level)  # these rows move to the new cut
-        return step.hidden
+            output = torch.zeros((step.batch, *shape), dtype=dtype, device=device)
+        else:
+            with torch.no_grad():
+                if len(need) == step.batch:  # a block frozen since all these rows were cached
+                    output = self._run(step, index, original, args, kwargs)
+                    self._check(output, step.batch, level)
+                else:
+                    select = torch.tensor(need, device=device)
+                    sub_args, sub_kwargs = take_rows(args, step.batch, select), take_rows(kwargs, step.batch, select)
+                    computed = self._run(step, index, original, sub_args, sub_kwargs)
+                    self._check(computed, len(need), level)
+                    # the other rows wait for their own cut (a stage may change the shape: a new tensor)
+                    output = computed.new_zeros((step.batch, *computed.shape[1:])).index_copy(0, select, computed)
+        if here and len(here) < step.batch:
+            cached = torch.stack([step.entries[row].output for row in here]).to(device, output.dtype)
+            output = output.index_copy(0, torch.tensor(here, device=device), cached)
+        step.shapes[index] = (tuple(output.shape[1:]), output.dtype)  # for rows served from a deeper cut
+        if level == self.cut and need:
+            self._store(step, output, need, level)  # computed rows, new or moving to the new cut
+        return output
 
-    def _place(self, step: _Step, rows: list[int], device: torch.device) -> None:
-        """Put the cached outputs of `rows` (cached at the block being run) into the batch's state."""
-        if rows:
-            cached = torch.stack([step.entries[r].output for r in rows]).to(device, step.hidden.dtype)
-            step.hidden = step.hidden.index_copy(0, torch.tensor(rows, device=device), cached)
+
+def _put_in_eval_mode(modules: list[nn.Module]) -> None:
+    """`module.eval()` on each of `modules` (every module of the prefix, at every training step), at a fraction of
+    its cost: where a class keeps `nn.Module.train`, the flag is set as `Module.__setattr__` itself ends up setting
+    a plain attribute (its parameter, buffer and submodule checks are what cost)."""
+    for module in modules:
+        if module.training:
+            if type(module).train is nn.Module.train:
+                object.__setattr__(module, "training", False)
+            else:
+                module.train(False)
+
+
+def _requires_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (tuple, list)):
+        return any(_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_requires_grad(v) for v in value.values())
+    return False
+
+
+def _rows_of(args: tuple, kwargs: dict) -> int:
+    """The batch size of a prefix module's inputs: the first dimension of its first tensor of at least 2."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.ndim >= 2:
+            return value.shape[0]
+    return 1
 
 
 def _training_only_behaviour(modules: Any) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNKEYED_INPUTS", "example_keys", "take_rows"]
+__all__ = ["UNKEYED_INPUTS", "batch_size", "example_keys", "take_rows"]
 
 # Inputs that never reach the frozen prefix, so they are not part of an example's key.
 UNKEYED_INPUTS = ("labels",)
@@ -24,6 +24,14 @@ def take_rows(value: Any, batch: int, select: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: take_rows(v, batch, select) for k, v in value.items()}
     return value
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """The batch size `example_keys` would find (0 when the forward has no batched tensor input), without keying."""
+    for value in (*args, *(v for k, v in sorted(kwargs.items()) if k not in UNKEYED_INPUTS)):
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return value.shape[0]
+    return 0
 
 
 def example_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], int, tuple] | None:

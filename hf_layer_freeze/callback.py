@@ -62,9 +62,11 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     `TrainingArguments(torch_compile=True)` the callback bounds the freeze events itself, as `LayerFreezer` does for a
     compiled model (3 at Dynamo's default limit of 8). `schedule="adaptive"` checks every `check_every` optimizer steps
     whatever `freeze_every` says, and its history is saved with each checkpoint. The adaptive criterion is logged as
-    `layer_freeze/grad_norm_change_*`; activation caching's hit rate and host memory as `layer_freeze/cache_hit_rate`
-    and `layer_freeze/cache_bytes`; the bytes of gradients and optimizer state as `layer_freeze/grad_bytes`,
-    `layer_freeze/optimizer_state_bytes` and `layer_freeze/offloaded_state_bytes` (`offload_frozen_state=True`).
+    `layer_freeze/grad_norm_change_*`; activation caching's as `layer_freeze/cache_hit_rate` (batches served whole),
+    `layer_freeze/cache_rows_served`, `layer_freeze/cache_row_hit_rate`, `layer_freeze/cache_forward_flops_skipped`
+    and `layer_freeze/cache_bytes` (host memory); the bytes of gradients and optimizer state as
+    `layer_freeze/grad_bytes`, `layer_freeze/optimizer_state_bytes` and `layer_freeze/offloaded_state_bytes`
+    (`offload_frozen_state=True`).
 
     Example:
 

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
 from hf_layer_freeze.activation_cache import prefix_layout
+from hf_layer_freeze.cache_keys import example_keys
 
 TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
@@ -179,8 +180,10 @@ def test_the_memory_budget_holds_and_past_it_examples_are_computed():
     got, _, freezer = _train(model, data, {2: 3}, cache=True, cache_max_bytes=budget)
     cache = freezer.activation_cache
     assert 0 < cache.bytes <= budget and len(cache._entries) < N  # some stored, not all
-    assert cache.hits == 0  # no batch is whole in the cache: each is computed, never served stale
-    assert [x.item() for x in got] == [x.item() for x in expected]
+    assert cache.hits == 0  # no batch is whole in the cache: each computes its rows that are not in it
+    assert 0 < cache.total_rows_served < cache.total_rows  # and takes the others from it, never stale
+    # a batch of cached and computed rows runs the prefix on a sub-batch: equal to rounding (the module docstring)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=ROUNDING, atol=ROUNDING)
 
 
 def test_unsupported_models_compiled_models_and_bad_options_are_refused_by_name():
@@ -462,6 +465,162 @@ def test_dynamic_padding_stays_exact_and_only_identically_padded_batches_hit():
     got, freezer = run(cache=True)
     assert got == expected
     assert freezer.activation_cache.steps == 4 * N // BATCH  # every step looked the batch up (hits: reported)
+
+
+# One batch's sub-batch rounding, from a single forward and backward (the run-long bound is ROUNDING).
+SUB_BATCH = 1e-5
+PARTIAL = ("llama", "bert", "timm-resnet")
+
+
+def _batch(data: list[dict[str, torch.Tensor]], rows: list[int]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([data[i][k] for i in rows]) for k in data[0]}
+
+
+def _loss_and_grads(model, batch):
+    torch.manual_seed(5)  # dropout after the prefix draws the same numbers in both models
+    model.train()
+    loss = _forward(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _prefix_flops_per_example(model, batch, cut: int) -> float:
+    """Ground truth: the forward FLOPs of the embeddings (or stem) and blocks 0..cut, from one uncached forward of
+    `batch` in eval mode, per example."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layout = prefix_layout(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+        _forward(model, batch)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    prefix = [*layout.before, *layout.blocks[: cut + 1]]
+    total = sum(sum(counts.get(f"{root}.{names[id(m)]}", {}).values()) for m in prefix)
+    return total / len(next(iter(batch.values())))
+
+
+@pytest.mark.parametrize("family", PARTIAL)
+def test_a_batch_runs_the_prefix_only_on_its_rows_that_are_not_cached(family):
+    """Rows cached and rows not in one batch: the prefix (embeddings or stem included) runs on the new rows only,
+    the batch is assembled at the cut, and the new rows are stored. A batch wholly computed or wholly served is
+    bitwise the uncached one; a mixed batch equals it to a sub-batch's rounding. Rows served and the prefix FLOPs
+    they skip are counted."""
+    build, kind = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build()
+    reference = copy.deepcopy(model)
+    data = _data(kind)
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                           cache_activations=True)  # fmt: skip
+    freezer.freeze_units(3)  # the embeddings (or stem) and blocks 0 and 1
+    LayerFreezer(reference, torch.optim.SGD(reference.parameters(), lr=0.1), granularity="block").freeze_units(3)
+    _EvalPrefix(reference)
+    cache = freezer.activation_cache
+    first = list(range(BATCH))
+    mixed = [0, 8, 1, 9, 2, 10, 3, 11]  # cached rows between new ones: every level runs on a sub-batch
+    per_example = _prefix_flops_per_example(copy.deepcopy(reference), _batch(data, first), cut=1)
+    assert per_example > 0
+    served = []
+    for step, rows in enumerate((first, first, mixed)):
+        batch = _batch(data, rows)
+        loss, grads = _loss_and_grads(model, batch)
+        expected_loss, expected_grads = _loss_and_grads(reference, batch)
+        assert grads.keys() == expected_grads.keys()
+        if step < 2:  # wholly computed, then wholly served: bitwise
+            assert torch.equal(loss, expected_loss), step
+            assert all(torch.equal(grads[n], expected_grads[n]) for n in grads), step
+        else:
+            torch.testing.assert_close(loss, expected_loss, rtol=SUB_BATCH, atol=SUB_BATCH)
+            for name in grads:
+                torch.testing.assert_close(grads[name], expected_grads[name], rtol=SUB_BATCH, atol=SUB_BATCH)
+        served.append(cache.take_metrics())
+    assert [m["layer_freeze/cache_rows_served"] for m in served] == [0, BATCH, 4]
+    assert [m["layer_freeze/cache_row_hit_rate"] for m in served] == [0.0, 1.0, 0.5]
+    assert [m["layer_freeze/cache_hit_rate"] for m in served] == [0.0, 1.0, 0.0]  # batches served entirely
+    flops = [m["layer_freeze/cache_forward_flops_skipped"] for m in served]
+    assert flops == [0.0, pytest.approx(BATCH * per_example), pytest.approx(4 * per_example)]
+    assert (cache.total_rows, cache.total_rows_served) == (3 * BATCH, BATCH + 4)
+    assert cache.total_flops_skipped == pytest.approx((BATCH + 4) * per_example)
+    assert len(cache._entries) == 12  # the mixed batch's new rows were stored
+    # and served: the mixed batch again is wholly cached
+    _loss_and_grads(model, _batch(data, mixed))
+    assert cache.take_metrics()["layer_freeze/cache_hit_rate"] == 1.0
+
+
+def test_past_the_budget_rows_are_neither_copied_nor_stored():
+    torch.manual_seed(0)
+    model = _llama()
+    data = _data("causal")
+    batch = _batch(data, list(range(BATCH)))
+    keys, _, _ = example_keys((), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    one_entry = 12 * 32 * 4 + len(keys[0])  # 12 tokens x 32 hidden, fp32, and its key
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                           cache_activations=True, cache_max_bytes=3 * one_entry)  # fmt: skip
+    freezer.freeze_units(3)
+    cache = freezer.activation_cache
+    _loss_and_grads(model, batch)
+    assert len(cache._entries) == 3 and cache.bytes == 3 * one_entry  # the rows that fit, and only those
+    _loss_and_grads(model, batch)
+    assert cache.take_metrics()["layer_freeze/cache_rows_served"] == 3 + 0
+    assert cache.total_rows_served == 3
+
+    class Uncopyable:
+        """A cut output that fails if anything copies it."""
+
+        shape = (BATCH, 12, 32)
+
+        def __len__(self):
+            return BATCH
+
+        def __getitem__(self, row):
+            return torch.zeros(12, 32)
+
+        def element_size(self):
+            return 4
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the output was read past the budget check: {name}")
+
+    from hf_layer_freeze.activation_cache import _Step
+
+    full = _Step([b"new" + k for k in keys], BATCH, (), [None] * BATCH, [-2] * BATCH, served=0)
+    cache._store(full, Uncopyable(), range(BATCH), cache.cut)  # the budget is full: nothing is copied
+    assert len(cache._entries) == 3 and cache.bytes == 3 * one_entry
+
+
+def test_closing_gives_the_model_back_as_given_after_partial_batches():
+    torch.manual_seed(0)
+    model = tiny_timm("resnet10t", num_classes=3)
+    given = copy.deepcopy(model)
+    data = _data("timm")
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with LayerFreezer(model, optimizer, granularity="block", cache_activations=True) as freezer:
+        freezer.freeze_units(3)
+        for rows in (list(range(8)), [0, 8, 1, 9, 2, 10, 3, 11]):
+            _forward(model, _batch(data, rows)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert freezer.activation_cache.total_rows_served == 4
+    assert all("forward" not in vars(m) for m in model.modules())  # the cache's wrappers are gone
+    assert {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    assert all(p.requires_grad for p in model.parameters())
+    frozen = dict(given.named_parameters())
+    for name, param in list(model.named_parameters())[:20]:  # the stem and layer1, frozen throughout
+        if name.startswith(("conv1", "bn1", "layer1")):
+            assert torch.equal(param, frozen[name]), name
+    # it computes as a plain model again: train mode everywhere, BatchNorm on batch statistics
+    plain = copy.deepcopy(given)
+    plain.load_state_dict(model.state_dict())
+    batch = _batch(data, list(range(8)))
+    model.train()
+    plain.train()
+    assert all(m.training for m in model.modules())
+    assert torch.equal(model(batch["x"]), plain(batch["x"]))
 
 
 class _ByteTokenizer(tf.PreTrainedTokenizerBase):
