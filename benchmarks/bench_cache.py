@@ -14,7 +14,9 @@ dataset reshuffled each epoch. Four configurations, each its own model (same ini
 - `full`: caching on with a budget that holds them all.
 
 One warm-up epoch each (it fills the caches), then `--repeats` timed epochs per configuration, interleaved (off, none,
-half, full, off, ...), so that the machine's load falls on all of them alike; steps/s is the median over repeats. The
+half, full, off, ...), so that the machine's load falls on all of them alike; a step's time is the median over
+repeats, by the wall clock and by this process's CPU time (`time.process_time()`, which leaves out the time the
+process waits for a core on a loaded machine: with `OMP_NUM_THREADS=1` the steadier of the two). The
 row hit rate `q` is the share of the timed epochs' rows served from the cache (`total_rows_served / total_rows` where
 the cache counts rows; the batch hit rate otherwise). The prediction: with `f` the share of an uncached step that the
 frozen prefix's forward costs, `f = 1 - t(full) / t(off)` from the run whose every row is served, a cache serving a
@@ -77,7 +79,8 @@ class Run:
         self.freezer = LayerFreezer(model, self.optimizer, granularity="block", **options)
         self.freezer.freeze_units(8)  # the embeddings and 7 of the 8 layers, from the first step
         self.generator = torch.Generator().manual_seed(1)
-        self.times: list[float] = []
+        self.times: list[float] = []  # wall seconds per step, one figure per timed epoch
+        self.cpu_times: list[float] = []  # this process's CPU seconds per step (what the machine's load leaves out)
         self.rows = self.served = self.steps = self.hits = 0
 
     def epoch(self, timed: bool) -> None:
@@ -85,16 +88,18 @@ class Run:
         before = self._counts(cache)
         order = torch.randperm(len(self.ids), generator=self.generator)
         self.model.train()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for first in range(0, len(order), self.args.batch):
             batch = self.ids[order[first : first + self.args.batch]]
             loss = self.model(input_ids=batch, labels=batch).loss
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if timed:
-            self.times.append(elapsed / (len(order) // self.args.batch))
+            steps = len(order) // self.args.batch
+            self.times.append(elapsed / steps)
+            self.cpu_times.append(cpu / steps)
             after = self._counts(cache)
             totals = (self.rows, self.served, self.steps, self.hits)
             self.rows, self.served, self.steps, self.hits = (
@@ -114,9 +119,9 @@ class Run:
     def row_hit_rate(self) -> float:
         return self.served / self.rows if self.rows else 0.0
 
-    @property
-    def step_time(self) -> float:
-        return statistics.median(self.times)
+    def step_time(self, clock: str) -> float:
+        """The median over timed epochs of a step's `"wall"` or `"cpu"` seconds."""
+        return statistics.median(self.times if clock == "wall" else self.cpu_times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,34 +150,41 @@ def main(argv: list[str] | None = None) -> int:
 
     off = next(r for r in runs if r.name == "off")
     full = next(r for r in runs if r.name == "full")
-    prefix_share = max(0.0, 1 - full.step_time / off.step_time)
+    # the prefix's share of an uncached step, from the run whose every row is served
+    prefix_share = {clock: max(0.0, 1 - full.step_time(clock) / off.step_time(clock)) for clock in ("wall", "cpu")}
     rows = []
     for run in runs:
-        predicted = 1 / (1 - run.row_hit_rate * prefix_share)
-        observed = off.step_time / run.step_time
-        rows.append(
-            {
-                "config": run.name,
-                "steps_per_s": 1 / run.step_time,
-                "step_ms": 1e3 * run.step_time,
-                "batch_hit_rate": run.hits / run.steps if run.steps else 0.0,
-                "row_hit_rate": run.row_hit_rate,
-                "speedup_observed": observed,
-                "speedup_predicted": predicted,
-                "observed_over_predicted": observed / predicted,
-                "epoch_step_ms": [1e3 * t for t in run.times],
-            }
-        )
-    header = f"{'config':<6} {'steps/s':>8} {'ms/step':>8} {'batch hit':>9} {'row hit':>8} {'speedup':>8} "
-    header += f"{'predicted':>9} {'obs/pred':>8}"
-    print(header)
+        row = {
+            "config": run.name,
+            "steps_per_s": 1 / run.step_time("wall"),
+            "batch_hit_rate": run.hits / run.steps if run.steps else 0.0,
+            "row_hit_rate": run.row_hit_rate,
+        }
+        for clock in ("wall", "cpu"):
+            predicted = 1 / (1 - run.row_hit_rate * prefix_share[clock])
+            observed = off.step_time(clock) / run.step_time(clock)
+            row[f"{clock}_step_ms"] = 1e3 * run.step_time(clock)
+            row[f"{clock}_speedup_observed"] = observed
+            row[f"{clock}_speedup_predicted"] = predicted
+            row[f"{clock}_observed_over_predicted"] = observed / predicted
+        row["epoch_wall_step_ms"] = [1e3 * t for t in run.times]
+        row["epoch_cpu_step_ms"] = [1e3 * t for t in run.cpu_times]
+        rows.append(row)
+    print(
+        f"{'config':<6} {'steps/s':>8} {'wall ms':>8} {'cpu ms':>7} {'batch hit':>9} {'row hit':>8} "
+        f"{'speedup wall':>12} {'pred':>6} {'speedup cpu':>11} {'pred':>6} {'obs/pred cpu':>12}"
+    )
     for row in rows:
         print(
-            f"{row['config']:<6} {row['steps_per_s']:8.2f} {row['step_ms']:8.1f} {row['batch_hit_rate']:9.3f} "
-            f"{row['row_hit_rate']:8.3f} {row['speedup_observed']:8.3f} {row['speedup_predicted']:9.3f} "
-            f"{row['observed_over_predicted']:8.3f}"
+            f"{row['config']:<6} {row['steps_per_s']:8.2f} {row['wall_step_ms']:8.1f} {row['cpu_step_ms']:7.1f} "
+            f"{row['batch_hit_rate']:9.3f} {row['row_hit_rate']:8.3f} {row['wall_speedup_observed']:12.3f} "
+            f"{row['wall_speedup_predicted']:6.3f} {row['cpu_speedup_observed']:11.3f} "
+            f"{row['cpu_speedup_predicted']:6.3f} {row['cpu_observed_over_predicted']:12.3f}"
         )
-    print(f"prefix share of an uncached step (1 - t(full)/t(off)): {prefix_share:.3f}")
+    print(
+        f"prefix share of an uncached step (1 - t(full)/t(off)): wall {prefix_share['wall']:.3f}, "
+        f"cpu {prefix_share['cpu']:.3f}"
+    )
     print(f"load average (1 min) before and after: {load_before[0]:.2f}, {os.getloadavg()[0]:.2f}")
     if args.output is not None:
         result = {
