@@ -403,6 +403,11 @@ def test_trainer_logs_the_cache_and_a_resumed_cached_run_equals_the_uninterrupte
     assert all("layer_freeze/cache_bytes" in log for log in logs)
     rates = [log["layer_freeze/cache_hit_rate"] for log in logs if "layer_freeze/cache_hit_rate" in log]
     assert rates and max(rates) > 0  # reported once the prefix can be cached, and batches were served
+    served = [log for log in logs if "layer_freeze/cache_hit_rate" in log]
+    assert all(
+        "layer_freeze/cache_rows_served" in log and "layer_freeze/cache_forward_flops_skipped" in log for log in served
+    )
+    assert max(log["layer_freeze/cache_forward_flops_skipped"] for log in served) > 0
     # the closing summary log follows no training forward: it reports no rate rather than a false 0
     assert "layer_freeze/cache_hit_rate" not in full.state.log_history[-1]
     resumed = trainer(tmp_path / "resumed", 7, LayerFreezingCallback(**options))
@@ -549,6 +554,31 @@ def test_a_batch_runs_the_prefix_only_on_its_rows_that_are_not_cached(family):
     # and served: the mixed batch again is wholly cached
     _loss_and_grads(model, _batch(data, mixed))
     assert cache.take_metrics()["layer_freeze/cache_hit_rate"] == 1.0
+
+
+def test_flops_are_counted_beside_a_forward_whose_inputs_require_a_gradient():
+    """`enable_input_require_grads()` (gradient checkpointing's companion) makes the embeddings' output require a
+    gradient, so the blocks of a computed batch build a graph: their FLOPs are counted on one row beside them, and
+    the run stays bitwise the uncached one."""
+    torch.manual_seed(0)
+    model = _llama()
+    reference = copy.deepcopy(model)
+    data = _data("causal")
+    batch = _batch(data, list(range(BATCH)))
+    per_example = _prefix_flops_per_example(copy.deepcopy(model), batch, cut=1)
+    freezer = LayerFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), granularity="block",
+                           cache_activations=True)  # fmt: skip
+    for m in (model, reference):
+        m.enable_input_require_grads()
+    freezer.freeze_units(3)
+    LayerFreezer(reference, torch.optim.SGD(reference.parameters(), lr=0.1), granularity="block").freeze_units(3)
+    _EvalPrefix(reference)
+    for _ in range(2):  # computed, then served
+        loss, grads = _loss_and_grads(model, batch)
+        expected_loss, expected_grads = _loss_and_grads(reference, batch)
+        assert torch.equal(loss, expected_loss)
+        assert all(torch.equal(grads[n], expected_grads[n]) for n in expected_grads)
+    assert freezer.activation_cache.total_flops_skipped == pytest.approx(BATCH * per_example)
 
 
 def test_past_the_budget_rows_are_neither_copied_nor_stored():
