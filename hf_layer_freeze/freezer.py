@@ -310,7 +310,8 @@ class LayerFreezer(ListenerHost):
         """
         What the freezer reports, under the `layer_freeze/` namespace: `fraction`, `frozen_units` (a count waiting for
         the first forward included) and `frozen_params`, then the schedule's and the listeners' own (the adaptive
-        criterion, the activation cache's hit rate since the last call and its bytes). The Trainer callback logs
+        criterion; the activation cache's hit rates, rows served and forward FLOPs skipped since the last call, and
+        its bytes; the gradient and optimizer-state bytes). The Trainer callback logs
         them; in an Accelerate loop, `accelerator.log(freezer.metrics(), step=step)`.
 
         Returns:

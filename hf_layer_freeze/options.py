@@ -201,9 +201,10 @@ class FreezeOptions:
         False,
         "Activation caching (AutoFreeze, arXiv 2102.01386): once the embeddings and a prefix of blocks are frozen, "
         "keep the output of the last frozen block for each training example in host memory, keyed by the exact "
-        "bytes of its inputs, and skip the frozen prefix's forward for a batch whose examples are all cached. The "
-        "frozen prefix then runs in eval mode (dropout off). transformers BERT, RoBERTa, ViT and Llama (PEFT on them "
-        "included) and timm ViT and ResNet; other models get a `NotImplementedError`. See `activation_cache.py`.",
+        "bytes of its inputs; a batch takes its cached examples from the cache and runs the prefix only on the "
+        "others (bitwise where a batch is wholly computed or wholly served, to rounding where it mixes). The frozen "
+        "prefix runs in eval mode (dropout off). transformers BERT, RoBERTa, ViT and Llama (PEFT on them included) "
+        "and timm ViT and ResNet; other models get a `NotImplementedError`. See `activation_cache.py`.",
         _boolean,
     )
     cache_max_bytes: int = option(
