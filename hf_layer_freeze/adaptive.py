@@ -3,7 +3,11 @@
 `AdaptiveSchedule` is a `schedules.FreezeSchedule`: every `check_every` optimizer steps it compares each trainable
 unit's mean gradient norm over the interval with the previous interval's, and asks for the longest settled prefix
 (`schedule.settled_prefix`), never before `freeze_start`, never beyond `freeze_level`, never fewer units than are
-frozen. It owns the tracker below, which only it reads and writes.
+frozen. The checks count optimizer steps from the first one, whatever an epoch's length: with `freeze_start=0` the
+first check (step `check_every`) sets the reference and the second (step `2 * check_every`) can freeze.
+`freeze_start_level` is a floor: that fraction of the budget is frozen from `freeze_start` on (at progress 0 when
+`freeze_start=0`), whether or not it has settled, and the settled prefix is sought after it. It owns the tracker
+below, which only it reads and writes.
 
 `GradientNormTracker` is a step pre-hook on the optimizer (the torch optimizer inside Accelerate's wrapper), so it
 sees the gradients the optimizer is about to apply, in the Trainer and in custom loops alike: after gradient
@@ -127,8 +131,8 @@ class AdaptiveSchedule:
     optimizer that holds units, and `update(progress)` makes the checks, so it acts at every step.
 
     Args:
-        options (`FreezeOptions`): the freezer's options (`freeze_start`, `freeze_level`, `check_every`,
-            `change_threshold`).
+        options (`FreezeOptions`): the freezer's options (`freeze_start`, `freeze_level`, `freeze_start_level`,
+            `check_every`, `change_threshold`).
         budget (`UnitBudget`): how `freeze_level` becomes a count, and the freeze-event levels.
         freezer (`LayerFreezer`): the freezer being built (its optimizers and units).
     """
@@ -142,16 +146,26 @@ class AdaptiveSchedule:
         self.gradient_norms = GradientNormTracker(holder, lambda: freezer.units)
 
     def units_at(self, progress: float, freezer: LayerFreezer) -> int | None:
+        floor = self.floor(progress, freezer)
+        at_least = floor if floor > freezer.frozen_units else None  # the floor, where no check decides more
         if self.gradient_norms.steps < self.options.check_every:
-            return None
-        previous, means = self.gradient_norms.check()
+            return at_least
+        previous, means = self.gradient_norms.check()  # the first check only sets the reference
         if previous is None or progress <= self.options.freeze_start or not self.budget.ready(freezer):
-            return None
-        first = freezer.frozen_units
+            return at_least
+        first = max(freezer.frozen_units, floor)
         changes = self.gradient_norms.compare(previous, means, first)
         level = self.budget.units_for(self.options.freeze_level, freezer)
         count = min(first + settled_prefix(changes, self.options.change_threshold), level)
         return max(first, self.budget.bounded(count, freezer))
+
+    def floor(self, progress: float, freezer: LayerFreezer) -> int:
+        """The units frozen whatever has settled: `freeze_start_level` of the budget from `freeze_start` on (at
+        `freeze_start` itself, so `freeze_start=0` freezes them from the first step), 0 before."""
+        start_level = self.options.freeze_start_level
+        if start_level == 0 or progress < self.options.freeze_start or not self.budget.ready(freezer):
+            return 0
+        return self.budget.bounded(self.budget.units_for(start_level, freezer), freezer)
 
     def fraction(self, progress: float, freezer: LayerFreezer) -> float:
         return freezer.frozen_units / freezer.num_units

@@ -159,7 +159,8 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
         logger.info("LayerFreezingCallback options in force: %s", _format_options(self.state()["args"]))
         self._replaced = replaced_callbacks(self)
         epochs = planned_epochs(state)
-        self._freezing_by = resolve_freeze_every(self.freeze_every, epochs, self.freeze_start)
+        start_level = self.options.freeze_start_level
+        self._freezing_by = resolve_freeze_every(self.freeze_every, epochs, self.freeze_start, start_level)
         self._last_forced_log = None
         if self.freeze_every == "auto" and not self.freezer.schedule.acts_every_step:
             logger.info(
@@ -170,12 +171,14 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
             )
         if not self.freezer.schedule.acts_every_step:  # the adaptive schedule checks every `check_every` steps
             coarse = coarse_epochs_warning(
-                self.freeze_every, epochs, state.max_steps, self.freeze_start, self.freeze_level
+                self.freeze_every, epochs, state.max_steps, self.freeze_start, self.freeze_level, start_level
             )
             if coarse is not None:
                 warnings.warn(coarse, stacklevel=1)
         # Resume: the Trainer loaded the optimizer state before this event; re-apply the freeze in force then.
         resume_freeze(self, self.freezer, state, self._progress(state), self._freezing_by)
+        if state.global_step == 0:  # a fresh run: what the schedule freezes from the first step, before it
+            self.freezer.update(0.0)
         for given in self._replaced:
             given.freezer = self.freezer
 

@@ -116,7 +116,7 @@ class LayerFreezer(ListenerHost):
         self.ledger = ledger_for(look_through(self.bare_model))
         held = self.ledger.held_by_others()
         self.units: list[FreezableUnit] = freezable_units(
-            self.bare_model, options.granularity, options.head, held=held
+            self.bare_model, options.granularity, options.head, held=held, embeddings=options.embeddings
         )
         if not self.units:
             raise ValueError(
@@ -134,6 +134,7 @@ class LayerFreezer(ListenerHost):
         # order="execution" and budget="flops" need one forward pass: the first training forward provides it.
         self.profile: UnitProfile | None = None
         self._profiling = FirstForwardProfiling(self)
+        self._start_waits_for_profile = False  # update(0.0) before the profile a budget="flops" count needs
         self.schedule = build_schedule(options, self, self.max_freeze_events)
         self._notify(FreezeEvent(tuple(self.units), 0))  # parameters frozen before the freezer count from now
 
@@ -197,6 +198,8 @@ class LayerFreezer(ListenerHost):
     def _give_back_to(self, count: int) -> None:
         """Give back the units after the first `count` (all of them, and the fraction and pending count, for 0)."""
         unfrozen = tuple(self.units[count : self.frozen_units])
+        if count == 0:
+            self._start_waits_for_profile = False  # given back as given: nothing waits to be frozen either
         given = None if count == 0 else [p for unit in unfrozen for p in unit.parameters]
         params = [p for _, p in self.record.give_back(given, frozen_units=count)]  # back in every optimizer's groups
         self._notify(FreezeEvent(tuple(self.units), count, unfrozen=unfrozen, parameters=tuple(params)))
@@ -245,6 +248,9 @@ class LayerFreezer(ListenerHost):
         if units is not self.units:  # order="execution": the first trainable unit may move
             self.units = units
             self._notify(FreezeEvent(tuple(self.units), self.frozen_units))
+        if self._start_waits_for_profile:  # the start of training's update, now that units can be counted
+            self._start_waits_for_profile = False
+            self.update(0.0)
         return self.profile
 
     def num_units_at(self, progress: float) -> int:
@@ -256,6 +262,10 @@ class LayerFreezer(ListenerHost):
         Have frozen the units the schedule asks for at `progress` through training (`LinearSchedule`: by the clock;
         `AdaptiveSchedule`: what has settled, checked every `check_every` steps).
 
+        `update(0.0)` before the first step applies what the schedule freezes from the start (`freeze_start=0` with
+        `freeze_start_level > 0`); with `budget="flops"`, whose units are weighed on the first training forward, it
+        is applied at that forward (before its backward), unless `profile_with` is called first.
+
         Args:
             progress (`float`):
                 Fraction of training done, in [0, 1] (for instance `step / total_steps`); a Python or numpy number,
@@ -265,6 +275,9 @@ class LayerFreezer(ListenerHost):
             `FreezeResult`: what is frozen now.
         """
         progress = as_progress(progress)
+        if progress == 0 and not self.schedule.budget.ready(self):
+            self._start_waits_for_profile = True  # applied by profile_with, at the first training forward
+            return self.result()
         count = self.schedule.units_at(progress, self)
         if count is None:
             return self.result()

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, TypedDict, TypeVar
 
 from .option_fields import Check, add_arguments, document_options, option, option_names
-from .schedule import validate_freeze_level, validate_freeze_start
+from .schedule import validate_freeze_level, validate_freeze_start, validate_freeze_start_level
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -30,6 +30,7 @@ else:  # pragma: no cover - Python 3.10 (torch depends on typing_extensions)
 
 __all__ = [
     "BUDGETS",
+    "EMBEDDINGS",
     "FREEZE_EVERY_CHOICES",
     "GRANULARITIES",
     "ORDERS",
@@ -48,6 +49,7 @@ SCHEDULES = ("linear", "adaptive")
 DEFAULT_CACHE_MAX_BYTES = 4 * 2**30  # host memory for cached activations: 4 GiB
 ORDERS = ("definition", "execution")
 GRANULARITIES = ("module", "block")
+EMBEDDINGS = ("unit", "merge", "skip")
 BUDGETS = ("units", "params", "flops")
 FREEZE_EVERY_CHOICES = ("auto", "epoch", "step")
 
@@ -58,6 +60,10 @@ def _fraction_start(name: str, value: object) -> float:
 
 def _fraction_level(name: str, value: object) -> float:
     return validate_freeze_level(value)
+
+
+def _fraction_start_level(name: str, value: object) -> float:
+    return validate_freeze_start_level(value)  # at most freeze_level: checked in __post_init__, with both values
 
 
 def _boolean(name: str, value: object) -> bool:
@@ -128,9 +134,24 @@ class FreezeOptions:
     ```
     """
 
-    freeze_start: float = option(0.5, "Fraction of training, in [0, 1), after which freezing starts.", _fraction_start)
+    freeze_start: float = option(
+        0.5,
+        "Fraction of training, in [0, 1), at which freezing starts: nothing is frozen before it, then the frozen "
+        "fraction grows linearly from `freeze_start_level` (at `freeze_start`) to `freeze_level` (at the end).",
+        _fraction_start,
+    )
     freeze_level: float = option(
         1.0, "Fraction of the units frozen at the end of training, in [0, 1].", _fraction_level
+    )
+    freeze_start_level: float = option(
+        0.0,
+        "Fraction of the units frozen at `freeze_start`, in [0, `freeze_level`]: the linear schedule grows from it to "
+        "`freeze_level` (the default 0 is the method card's ramp). `freeze_start=0` with a level above 0 freezes "
+        "that prefix from the first step: before the first optimizer step (the callback at `on_train_begin`; in a "
+        "custom loop call `freezer.update(0.0)` before training). `freeze_start_level == freeze_level` is a static "
+        'prefix. With `schedule="adaptive"` it is a floor: at least this fraction is frozen from `freeze_start` on, '
+        "and more once it has settled.",
+        _fraction_start_level,
     )
     order: str = option(
         "definition",
@@ -145,6 +166,17 @@ class FreezeOptions:
         "one). `\"block\"`: the model's own blocks, so no block is half frozen: a timm model's `group_matcher()` "
         "groups (stem, blocks, stages), a transformers model's layers (the classes it lists in `_no_split_modules`).",
         choices=GRANULARITIES,
+    )
+    embeddings: str = option(
+        "unit",
+        "What becomes of embedding units, which save no compute when frozen. An embedding unit is a unit all of "
+        "whose parameters lie in embedding modules: modules holding an `nn.Embedding` and otherwise only lookups, "
+        "norms and parameters of their own (BERT's `BertEmbeddings`, Llama's `embed_tokens`; a convolutional patch "
+        'or stem embedding costs FLOPs and is none). `"unit"`: each is a unit like any other. `"merge"`: each joins '
+        "the next unit that is no embedding (they freeze together, so a fraction counts units that save compute). "
+        '`"skip"`: they are no unit and never freeze, so the backward still runs down to them and activation '
+        "caching cannot engage. See `units.embedding_unit`.",
+        choices=EMBEDDINGS,
     )
     budget: str = option(
         "units",
@@ -226,6 +258,7 @@ class FreezeOptions:
         for each in fields(self):
             value = each.metadata["check"](each.name, getattr(self, each.name))
             object.__setattr__(self, each.name, value)  # frozen dataclass: the normalized value (0 -> 0.0)
+        validate_freeze_start_level(self.freeze_start_level, self.freeze_level)  # the one check of two options
 
     @classmethod
     def from_kwargs(cls: type[_Options], **kwargs: Any) -> _Options:
@@ -293,8 +326,10 @@ class FreezeOptionsKwargs(TypedDict, total=False):
 
     freeze_start: float
     freeze_level: float
+    freeze_start_level: float
     order: str
     granularity: str
+    embeddings: str
     budget: str
     freeze_batchnorm: bool
     max_freeze_events: int | None

@@ -57,6 +57,8 @@ def freeze_plan(
     budget: str = "units",
     num_classes: int | None = None,
     *,
+    freeze_start_level: float = 0.0,
+    embeddings: str = "unit",
     steps: int | None = None,
     task: str | None = None,
     seq_len: int | None = None,
@@ -76,7 +78,8 @@ def freeze_plan(
     Args:
         model_name (`str`): a timm model name, a transformers model type or a directory (see `build_plan_model`).
         epochs (`int`, *optional*): the run's length in epochs; exactly one of `epochs` and `steps`.
-        freeze_start, freeze_level, order, granularity, budget: the `LayerFreezer` options.
+        freeze_start, freeze_level, freeze_start_level, order, granularity, embeddings, budget: the `LayerFreezer`
+            options.
         input_size, num_classes, task, seq_len, batch_size, config_overrides, lora_r, lora_target_modules:
             the model and its inputs (see `build_plan_model`).
         steps (`int`, *optional*): the run's length in optimizer steps.
@@ -110,8 +113,10 @@ def freeze_plan(
         steps=steps,
         freeze_start=freeze_start,
         freeze_level=freeze_level,
+        freeze_start_level=freeze_start_level,
         order=order,
         granularity=granularity,
+        embeddings=embeddings,
         budget=budget,
     )
 
@@ -198,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("epoch", "step"),
         help="the callback's freeze_every: 'epoch' goes with --epochs, 'step' with --steps (the default follows them)",
     )
-    add_option_arguments(plan, ("freeze_start", "freeze_level", "order", "granularity", "budget"))
+    add_option_arguments(
+        plan, ("freeze_start", "freeze_level", "freeze_start_level", "order", "granularity", "embeddings", "budget")
+    )
     plan.add_argument("--task", choices=tuple(TASKS), help="transformers: the head (default by model type)")
     plan.add_argument(
         "--config-overrides", help="transformers: config values, e.g. num_hidden_layers=4,hidden_size=256"
@@ -253,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             freeze_start=args.freeze_start,
             freeze_level=args.freeze_level,
+            freeze_start_level=args.freeze_start_level,
             order=args.order,
             granularity=args.granularity,
+            embeddings=args.embeddings,
             budget=args.budget,
         )
     except (ValueError, ImportError) as error:
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     run = f"{args.epochs} epochs" if per == "epoch" else f"{args.steps} steps (freeze_every='step')"
     title = (
         f"{args.model} {plan_model.inputs}, {run}, freeze_start={args.freeze_start}, "
-        f"freeze_level={args.freeze_level}, order={args.order}, granularity={args.granularity}, budget={args.budget}"
+        f"freeze_level={args.freeze_level}, freeze_start_level={args.freeze_start_level}, order={args.order}, "
+        f"granularity={args.granularity}, embeddings={args.embeddings}, budget={args.budget}"
     )
     print(title)
     print(f"built: {plan_model.description}")

@@ -55,7 +55,12 @@ class PlanRow:
 
 
 def update_steps(
-    max_steps: int, *, freeze_every: str, steps_per_epoch: int | None = None, freeze_start: float = 0.5
+    max_steps: int,
+    *,
+    freeze_every: str,
+    steps_per_epoch: int | None = None,
+    freeze_start: float = 0.5,
+    freeze_start_level: float = 0.0,
 ) -> list[int]:
     """
     The optimizer steps after which `LayerFreezingCallback` updates its freezer in a run of `max_steps` steps with
@@ -68,6 +73,8 @@ def update_steps(
         steps_per_epoch (`int`, *optional*): optimizer steps per epoch; `None` for a run whose epoch length is unknown
             (a streaming dataset trained for `max_steps`: no epoch ends).
         freeze_start (`float`, *optional*, defaults to 0.5): the schedule's start, which `"auto"` reads.
+        freeze_start_level (`float`, *optional*, defaults to 0.0): the fraction frozen at `freeze_start`, which
+            `"auto"` reads too (an epoch end at `freeze_start` freezes when it is above 0).
 
     Example:
 
@@ -82,7 +89,7 @@ def update_steps(
     _positive("steps_per_epoch", steps_per_epoch)
     # the Trainer's `num_train_epochs` for a run of `max_steps`: a last, shorter epoch counts
     num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else None
-    freezing_by = resolve_freeze_every(freeze_every, num_epochs, freeze_start)
+    freezing_by = resolve_freeze_every(freeze_every, num_epochs, freeze_start, freeze_start_level)
     return [
         step
         for step in range(1, max_steps + 1)
@@ -97,8 +104,10 @@ def schedule_changes(
 ) -> list[tuple[int, int]]:
     """
     `(first step, units)`: the first step (1-based) that trains with each count of units the schedule asks for, when
-    the freezer is updated after each of `steps` (`update_steps`) at progress `schedule.progress_at_step`. The first
-    is `(1, 0)`; then one for each update that changes the count.
+    the freezer is updated when training begins (progress 0, as the callback's `on_train_begin` does) and after each
+    of `steps` (`update_steps`) at progress `schedule.progress_at_step`. The first is `(1, units at progress 0)`:
+    `(1, 0)` unless the schedule freezes from the first step (`freeze_start=0`, `freeze_start_level > 0`); then one
+    for each update that changes the count.
 
     `num_units_at` (a freezer's, non-decreasing in progress) is asked by bisection over `steps`, so a million steps
     cost a few dozen calls.
@@ -109,14 +118,17 @@ def schedule_changes(
     >>> from hf_layer_freeze.plan_simulation import schedule_changes
     >>> schedule_changes(lambda progress: int(progress * 4), 8, [1, 2, 3, 4, 5, 6, 7])
     [(1, 0), (3, 1), (5, 2), (7, 3)]
+    >>> schedule_changes(lambda progress: 2 + int(progress * 2), 8, [1, 2, 3, 4, 5, 6, 7])  # 2 from the first step
+    [(1, 2), (5, 3)]
 
     ```
     """
 
-    def count_at(index: int) -> int:  # index 0: before any update
-        return 0 if index == 0 else num_units_at(progress_at_step(steps[index - 1], max_steps))
+    def count_at(index: int) -> int:  # index 0: the update when training begins
+        return num_units_at(0.0 if index == 0 else progress_at_step(steps[index - 1], max_steps))
 
-    changes = [(0, 0)]
+    at_start = count_at(0)
+    changes = [(0, at_start)]
 
     def split(low: int, high: int, at_low: int, at_high: int) -> None:
         if at_low == at_high:
@@ -130,7 +142,7 @@ def schedule_changes(
         split(middle, high, at_middle, at_high)
 
     if steps:
-        split(0, len(steps), 0, count_at(len(steps)))
+        split(0, len(steps), at_start, count_at(len(steps)))
     return [(1 if index == 0 else steps[index - 1] + 1, count) for index, count in changes]
 
 
@@ -163,8 +175,10 @@ def plan_rows(
     steps: int | None = None,
     freeze_start: float = 0.5,
     freeze_level: float = 1.0,
+    freeze_start_level: float = 0.0,
     order: str = "definition",
     granularity: str = "module",
+    embeddings: str = "unit",
     budget: str = "units",
 ) -> tuple[list[PlanRow], float]:
     """The plan of an already built `PlanModel` (see `plan.freeze_plan`)."""
@@ -180,8 +194,10 @@ def plan_rows(
         optimizer,
         freeze_start=freeze_start,
         freeze_level=freeze_level,
+        freeze_start_level=freeze_start_level,
         order=order,
         granularity=granularity,
+        embeddings=embeddings,
         budget=budget,
     )
     freezer.profile_with(*plan_model.args, **plan_model.kwargs)

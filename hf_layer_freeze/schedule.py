@@ -26,6 +26,7 @@ __all__ = [
     "validate_choice",
     "validate_freeze_level",
     "validate_freeze_start",
+    "validate_freeze_start_level",
     "validate_progress",
 ]
 
@@ -52,6 +53,18 @@ def validate_freeze_level(freeze_level: float) -> float:
     return float(freeze_level)
 
 
+def validate_freeze_start_level(start_level: float, freeze_level: float = 1.0) -> float:
+    """Return `start_level` as a float, or raise `ValueError` unless it is in [0, 1] and at most `freeze_level`."""
+    if not _is_number(start_level) or not 0 <= start_level <= 1:
+        raise ValueError(f"freeze_start_level must be a number in [0, 1], got {start_level!r}")
+    if start_level > freeze_level:
+        raise ValueError(
+            f"freeze_start_level must be at most freeze_level (the schedule grows from one to the other), got "
+            f"freeze_start_level={start_level!r} and freeze_level={freeze_level!r}"
+        )
+    return float(start_level)
+
+
 def validate_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     """Return `value`, or raise `ValueError` naming `name`, the allowed values and the value."""
     if not isinstance(value, str) or value not in choices:
@@ -66,23 +79,34 @@ def validate_progress(progress: float) -> float:
     return float(progress)
 
 
-def freeze_fraction(progress: float, freeze_start: float = 0.5, freeze_level: float = 1.0) -> float:
+def freeze_fraction(
+    progress: float, freeze_start: float = 0.5, freeze_level: float = 1.0, start_level: float = 0.0
+) -> float:
     """
     The fraction of freezable units that should be frozen at `progress` through training.
 
-    It is 0 while `progress <= freeze_start`, then grows linearly to `freeze_level` at `progress == 1`:
-    `freeze_level * (progress - freeze_start) / (1 - freeze_start)`. The defaults are Composer's.
+    It is 0 before `freeze_start`; from `freeze_start` on it grows linearly from `start_level` to `freeze_level` at
+    `progress == 1`: `start_level + (freeze_level - start_level) * (progress - freeze_start) / (1 - freeze_start)`.
+    At `progress == freeze_start` it is `start_level`: with the default `start_level=0` that is 0 (nothing is frozen
+    until training is past `freeze_start`, the method card's rule), and with `freeze_start=0` and `start_level > 0`
+    that prefix is frozen from the first step (progress 0, before any optimizer step). `start_level ==
+    freeze_level` is a static prefix: that fraction, from `freeze_start` to the end. The defaults are Composer's.
 
     Args:
         progress (`float`):
             How far training has gone, in [0, 1] (for instance `global_step / max_steps`).
         freeze_start (`float`, *optional*, defaults to 0.5):
-            The fraction of training, in [0, 1), after which freezing begins.
+            The fraction of training, in [0, 1), at which freezing begins.
         freeze_level (`float`, *optional*, defaults to 1.0):
             The fraction of units frozen at the end of training, in [0, 1].
+        start_level (`float`, *optional*, defaults to 0.0):
+            The fraction frozen at `freeze_start`, in [0, `freeze_level`] (the `freeze_start_level` option).
 
     Returns:
         `float`: the freeze fraction, in [0, `freeze_level`].
+
+    Raises:
+        `ValueError`: an argument out of its range (named, with the range and the value).
 
     Example:
 
@@ -92,15 +116,24 @@ def freeze_fraction(progress: float, freeze_start: float = 0.5, freeze_level: fl
     0.5
     >>> freeze_fraction(0.4)
     0.0
+    >>> freeze_fraction(0.0, freeze_start=0.0, freeze_level=1.0, start_level=0.5)  # from the first step
+    0.5
+    >>> freeze_fraction(0.5, freeze_start=0.0, freeze_level=1.0, start_level=0.5)
+    0.75
+    >>> freeze_fraction(0.9, freeze_start=0.0, freeze_level=0.5, start_level=0.5)  # a static prefix
+    0.5
 
     ```
     """
     progress = validate_progress(progress)
     freeze_start = validate_freeze_start(freeze_start)
     freeze_level = validate_freeze_level(freeze_level)
-    if progress <= freeze_start:
+    start_level = validate_freeze_start_level(start_level, freeze_level)
+    if progress < freeze_start:
         return 0.0
-    return min(freeze_level, freeze_level * (progress - freeze_start) / (1.0 - freeze_start))
+    # with start_level=0 this is the card's `freeze_level * (progress - freeze_start) / (1 - freeze_start)`, bitwise
+    grown = (freeze_level - start_level) * (progress - freeze_start) / (1.0 - freeze_start)
+    return min(freeze_level, start_level + grown)
 
 
 def num_units_to_freeze(fraction: float, num_units: int) -> int:
@@ -127,8 +160,9 @@ def num_units_for_budget(fraction: float, weights: list[int] | tuple[int, ...]) 
     """
     How many leading units fit in `fraction` of the total weight (parameters or FLOPs of each unit, in order).
 
-    The largest k with `sum(weights[:k]) <= fraction * sum(weights)`. With all weights equal this is
-    `num_units_to_freeze(fraction, len(weights))`.
+    The largest k with `sum(weights[:k]) <= fraction * sum(weights)` (leading units of weight 0, such as embeddings
+    weighed by FLOPs, fit in any fraction). With all weights equal this is `num_units_to_freeze(fraction,
+    len(weights))`.
 
     Example:
 
@@ -136,6 +170,8 @@ def num_units_for_budget(fraction: float, weights: list[int] | tuple[int, ...]) 
     >>> from hf_layer_freeze.schedule import num_units_for_budget
     >>> num_units_for_budget(0.5, [10, 10, 60, 20])  # the first two units hold 20% of the weight, three hold 80%
     2
+    >>> num_units_for_budget(0.01, [0, 10, 10])  # a unit of weight 0 fits in any budget
+    1
 
     ```
     """
@@ -240,13 +276,14 @@ def settled_prefix(changes: Sequence[float], threshold: float = 1.0) -> int:
 MIN_EPOCH_FREEZES = 4
 
 
-def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
+def freezing_epoch_ends(num_epochs: float, freeze_start: float, start_level: float = 0.0) -> int:
     """
-    How many epoch ends fall strictly inside the freezing part of a run of `num_epochs` epochs: after `freeze_start`
-    and before the end (a freeze after the last step saves nothing and is not made). The epochs `e` in
-    `[1, int(num_epochs))` whose progress `e / num_epochs` (the float the schedule compares) is above
-    `freeze_start`, counted in closed form: instant for any count (the Trainer's `sys.maxsize` epochs of a dataset
-    without a length included).
+    How many epoch ends fall strictly inside the freezing part of a run of `num_epochs` epochs: where the schedule
+    freezes something (after `freeze_start`, or at it too when `start_level > 0`: `freeze_fraction` is then
+    `start_level` there) and before the end (a freeze after the last step saves nothing and is not made). The
+    epochs `e` in `[1, int(num_epochs))` whose progress `e / num_epochs` (the float the schedule compares) is above
+    `freeze_start` (at least `freeze_start` when `start_level > 0`), counted in closed form: instant for any count
+    (the Trainer's `sys.maxsize` epochs of a dataset without a length included).
 
     Example:
 
@@ -257,6 +294,8 @@ def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
     (4, 1, 0)
     >>> freezing_epoch_ends(10, 0.6)  # 6 / 10 == 0.6 is not after freeze_start: epochs 7, 8 and 9
     3
+    >>> freezing_epoch_ends(10, 0.6, start_level=0.3)  # ... but it freezes 0.3 at 0.6: epochs 6 to 9
+    4
     >>> freezing_epoch_ends(sys.maxsize, 0.5) > 4
     True
 
@@ -265,11 +304,19 @@ def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
     if not _is_number(num_epochs) or not 0 <= num_epochs < math.inf:
         raise ValueError(f"num_epochs must be a finite number >= 0, got {num_epochs!r}")
     freeze_start = validate_freeze_start(freeze_start)
+    start_level = validate_freeze_start_level(start_level)
     last = int(num_epochs) - 1  # the last epoch end before the end of the run
     if last < 1:
         return 0
     # `e / num_epochs > freeze_start` holds exactly when the exact quotient rounds above `freeze_start`: above the
     # midpoint between `freeze_start` and the next float (a quotient at the midpoint itself rounds to even, checked).
+    # `>= freeze_start` (start_level > 0): at or above the midpoint between the float below and `freeze_start`.
+    if start_level > 0:
+        midpoint = (Fraction(math.nextafter(freeze_start, -math.inf)) + Fraction(freeze_start)) / 2
+        first = max(1, math.ceil(midpoint * Fraction(num_epochs)))
+        if not first / num_epochs >= freeze_start:
+            first += 1
+        return max(0, last - first + 1)
     midpoint = (Fraction(freeze_start) + Fraction(math.nextafter(freeze_start, math.inf))) / 2
     first = max(1, math.ceil(midpoint * Fraction(num_epochs)))
     if not first / num_epochs > freeze_start:
@@ -278,14 +325,23 @@ def freezing_epoch_ends(num_epochs: float, freeze_start: float) -> int:
 
 
 def coarse_epochs_warning(
-    freeze_every: str, num_epochs: float | None, max_steps: int, freeze_start: float, freeze_level: float
+    freeze_every: str,
+    num_epochs: float | None,
+    max_steps: int,
+    freeze_start: float,
+    freeze_level: float,
+    start_level: float = 0.0,
 ) -> str | None:
     """
     With `freeze_every="epoch"` asked for, a run of few epochs freezes at few epoch ends, or at none (a `max_steps`
     shorter than an epoch, or epochs of unknown length: `num_epochs=None`): the warning that says so, with the next
-    step, or `None`. (`"auto"` chose for itself; the adaptive schedule checks by step and is not asked.)
+    step, or `None`. (`"auto"` chose for itself; the adaptive schedule checks by step and is not asked.) A schedule
+    that has nothing to do at epoch ends is not warned about: a static prefix (`start_level == freeze_level`)
+    frozen from the first step (`freeze_start=0`), applied when training begins.
     """
     if freeze_every != "epoch" or freeze_level == 0:
+        return None
+    if freeze_start == 0 and start_level == freeze_level:
         return None
     if num_epochs is None:
         return (
@@ -294,7 +350,7 @@ def coarse_epochs_warning(
             "so it freezes only where a pass over the data ends, and a stream that lasts the whole run freezes "
             "nothing. Use freeze_every='step' (or 'auto', which chooses it here) to follow the schedule by step."
         )
-    ends = freezing_epoch_ends(num_epochs, freeze_start)
+    ends = freezing_epoch_ends(num_epochs, freeze_start, start_level)
     if ends >= 2:
         return None
     return (
@@ -305,11 +361,14 @@ def coarse_epochs_warning(
     )
 
 
-def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_start: float) -> str:
+def resolve_freeze_every(
+    freeze_every: str, num_epochs: float | None, freeze_start: float, start_level: float = 0.0
+) -> str:
     """
     `"epoch"` or `"step"`: what `freeze_every="auto"` means for a run of `num_epochs` epochs. By epoch (the method
     card's rule) when at least `MIN_EPOCH_FREEZES` epoch ends fall inside the freezing part of the run, by step
-    otherwise: fine-tuning runs of 1 to 3 epochs follow the schedule within their epochs. `num_epochs=None` (a run
+    otherwise: fine-tuning runs of 1 to 3 epochs follow the schedule within their epochs (`start_level`, the
+    `freeze_start_level` option, counts an epoch end at `freeze_start` itself). `num_epochs=None` (a run
     whose epoch length is unknown, such as a streaming dataset trained for `max_steps`) is by step. `"epoch"` and
     `"step"` are returned as given.
 
@@ -328,7 +387,7 @@ def resolve_freeze_every(freeze_every: str, num_epochs: float | None, freeze_sta
     """
     if freeze_every != "auto":
         return freeze_every
-    if not num_epochs or freezing_epoch_ends(num_epochs, freeze_start) < MIN_EPOCH_FREEZES:
+    if not num_epochs or freezing_epoch_ends(num_epochs, freeze_start, start_level) < MIN_EPOCH_FREEZES:
         return "step"
     return "epoch"
 
@@ -369,6 +428,11 @@ def updates_at_step(
     Never at or after the last step (a freeze then saves nothing: the model ends as it trained). Before it: at every
     step when freezing by step, or when the schedule checks every step itself (`every_step`: the adaptive schedule,
     which counts its own `check_every`); at the steps that end an epoch whatever `freezing_by` says.
+
+    Besides these step ends, a fresh run is updated once when it begins (`on_train_begin`, step 0, progress 0), before
+    the first optimizer step, whatever the timing: what the schedule freezes from the first step (`freeze_start=0`
+    with `freeze_start_level > 0`) trains frozen from step 1. `plan_simulation.schedule_changes` counts that update
+    as the freeze the first step trains with. (A resumed run re-applies its checkpoint's freeze there instead.)
 
     Args:
         step (`int`): the optimizer steps done (`state.global_step`).

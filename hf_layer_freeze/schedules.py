@@ -74,7 +74,8 @@ class UnitBudget:
     `max_freeze_events` levels.
 
     Args:
-        options (`FreezeOptions`): the freezer's options (`budget`, `freeze_start`, `freeze_level`).
+        options (`FreezeOptions`): the freezer's options (`budget`, `freeze_start`, `freeze_level`,
+            `freeze_start_level`).
         max_freeze_events (`int`, *optional*): the bound in force (a compiled model gets one by default).
     """
 
@@ -87,8 +88,9 @@ class UnitBudget:
         return freezer.profiled or self.options.budget != "flops"
 
     def units_for(self, fraction: float, freezer: LayerFreezer) -> int:
-        """How many leading units fit in `fraction` of the budget."""
-        if self.options.budget == "units":
+        """How many leading units fit in `fraction` of the budget; none for 0 (a schedule that has not started freezes
+        nothing, not even leading units of weight 0, such as embeddings weighed by FLOPs)."""
+        if fraction == 0 or self.options.budget == "units":
             return num_units_to_freeze(fraction, freezer.num_units)
         if not self.ready(freezer):
             raise RuntimeError("budget='flops' needs the first forward pass (or profile_with) before counting")
@@ -102,16 +104,21 @@ class UnitBudget:
             return count
         return bounded_unit_count(count, self.units_for(self.options.freeze_level, freezer), self.max_freeze_events)
 
+    def linear_fraction(self, progress: float) -> float:
+        """The linear clock's fraction at `progress` (`schedule.freeze_fraction` of the options)."""
+        options = self.options
+        return freeze_fraction(progress, options.freeze_start, options.freeze_level, options.freeze_start_level)
+
     def units_at(self, progress: float, freezer: LayerFreezer) -> int:
         """The linear clock's count at `progress` (`LayerFreezer.num_units_at`)."""
-        fraction = freeze_fraction(progress, self.options.freeze_start, self.options.freeze_level)
-        return self.bounded(self.units_for(fraction, freezer), freezer)
+        return self.bounded(self.units_for(self.linear_fraction(progress), freezer), freezer)
 
 
 class LinearSchedule:
     """
-    The method card's schedule: `freeze_fraction(progress)` of the budget, growing linearly from `freeze_start` to
-    `freeze_level` at the end of training; monotonic (a smaller progress keeps what is frozen).
+    The method card's schedule: `freeze_fraction(progress)` of the budget, 0 before `freeze_start`, then growing
+    linearly from `freeze_start_level` at `freeze_start` to `freeze_level` at the end of training; monotonic (a
+    smaller progress keeps what is frozen).
 
     Args:
         options (`FreezeOptions`): the freezer's options.
@@ -134,7 +141,7 @@ class LinearSchedule:
         return max(freezer.frozen_units, self.budget.units_at(progress, freezer))
 
     def fraction(self, progress: float, freezer: LayerFreezer) -> float:
-        return freeze_fraction(progress, self.options.freeze_start, self.options.freeze_level)
+        return self.budget.linear_fraction(progress)
 
     def metrics(self) -> dict[str, float]:
         return {}

@@ -6,6 +6,10 @@ A *unit* is a module that directly owns parameters that train when the freezer i
 weights, an embedding frozen by hand) are nobody's unit. Units come in depth-first pre-order of the ownership tree
 (`model.named_modules()`), the order of the method card. The head (`heads.py`) is never a unit: it is what the frozen
 features are still being fitted for.
+
+Embedding units save no compute when frozen (a lookup costs no FLOPs, and the backward below the first block computes
+only their weight gradients): the `embeddings` option keeps them as units (`"unit"`), folds them into the next unit
+(`"merge"`) or leaves them out (`"skip"`); `is_embedding_unit` says which units they are.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from torch import nn
 
 from .families import ParameterGroups, block_answers, block_support, grouped_modules, look_through
 from .heads import Head, find_head
-from .options import GRANULARITIES
+from .options import EMBEDDINGS, GRANULARITIES
 from .schedule import validate_choice
 from .wrappers import unwrap_model
 
-__all__ = ["FreezableUnit", "freezable_units"]
+__all__ = ["FreezableUnit", "freezable_units", "is_embedding_unit"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,11 +152,100 @@ def _common_module_prefix(names: list[str]) -> str:
     return ".".join(common)
 
 
+_LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
+_NORMS = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer: torch's, or a model's own by its class name (`LlamaRMSNorm`, `T5LayerNorm`)."""
+    return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
+
+
+def _is_embedding_module(module: nn.Module) -> bool:
+    """Holds a lookup table, and no parameter-owning module inside it but lookups, norms and itself."""
+    inside = list(module.modules())
+    if not any(isinstance(m, _LOOKUPS) for m in inside):
+        return False
+    owners = [m for m in inside if next(m.parameters(recurse=False), None) is not None]
+    return all(m is module or isinstance(m, _LOOKUPS) or _is_norm(m) for m in owners)
+
+
+def _embedding_module_ids(model: nn.Module) -> set[int]:
+    """The ids of every module inside (or being) an embedding module of `model`."""
+    found: set[int] = set()
+    for module in model.modules():
+        if id(module) not in found and _is_embedding_module(module):
+            found.update(id(m) for m in module.modules())
+    return found
+
+
+def is_embedding_unit(unit: FreezableUnit, model: nn.Module) -> bool:
+    """
+    Whether `unit` is an embedding unit: every parameter of it lies in an *embedding module* of `model`, a module
+    holding an `nn.Embedding` (or `nn.EmbeddingBag`) and no other parameter-owning module but lookups, norms
+    (`nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, a class named `...Norm`) and itself (its own parameters, such as a
+    learned position table). Freezing one saves no compute: a lookup costs no FLOPs, and what lies below the first
+    block computes nothing but these weights' gradients. BERT's `BertEmbeddings` (word, position and token-type
+    tables and their `LayerNorm`: one unit by block, four by module) and Llama's `embed_tokens` are; a convolutional
+    patch or stem embedding (ViT's, a ResNet's stem) costs FLOPs and is not, nor is a ViT's `cls_token` or
+    `pos_embed` outside any lookup-holding module.
+
+    Args:
+        unit (`FreezableUnit`): a unit of `model` (`freezable_units`).
+        model (`torch.nn.Module`): the model, raw or wrapped.
+
+    Returns:
+        `bool`: whether it is an embedding unit.
+
+    Example:
+
+    ```python
+    >>> import transformers
+    >>> from hf_layer_freeze import freezable_units
+    >>> from hf_layer_freeze.units import is_embedding_unit
+    >>> config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                                  intermediate_size=32)
+    >>> model = transformers.BertForSequenceClassification(config)
+    >>> [unit.name for unit in freezable_units(model, "block") if is_embedding_unit(unit, model)]
+    ['bert.embeddings']
+
+    ```
+    """
+    model = unwrap_model(model)
+    inside = _embedding_module_ids(model)
+    return all(id(owner) in inside for owner in unit.owner_modules(model))
+
+
+def _place_embeddings(model: nn.Module, units: list[FreezableUnit], embeddings: str) -> list[FreezableUnit]:
+    """`units` with the embedding units as the `embeddings` option says: kept, merged into the next unit that is no
+    embedding (named for it: its module, its parameters after theirs), or left out."""
+    if embeddings == "unit":
+        return units
+    inside = _embedding_module_ids(model)
+    embedding = [all(id(owner) in inside for owner in unit.owner_modules(model)) for unit in units]
+    if embeddings == "skip":
+        return [unit for unit, is_embedding in zip(units, embedding, strict=True) if not is_embedding]
+    placed: list[FreezableUnit] = []
+    waiting: list[FreezableUnit] = []  # embedding units not joined to a unit yet
+    for unit, is_embedding in zip(units, embedding, strict=True):
+        if is_embedding:
+            waiting.append(unit)
+            continue
+        if waiting:
+            joined = [*waiting, unit]
+            names = tuple(n for u in joined for n in u.parameter_names)
+            unit = FreezableUnit(unit.name, unit.module, names, tuple(p for u in joined for p in u.parameters))
+            waiting = []
+        placed.append(unit)
+    return placed + waiting  # embeddings that no unit follows stay units of their own
+
+
 def freezable_units(
     model: nn.Module,
     granularity: str = "module",
     head: Sequence[str] | None = None,
     held: Iterable[nn.Parameter] = (),
+    embeddings: str = "unit",
 ) -> list[FreezableUnit]:
     """
     The units of `model` that can be frozen, in depth-first pre-order of the ownership tree.
@@ -182,10 +275,14 @@ def freezable_units(
         held (`Iterable[torch.nn.Parameter]`, *optional*):
             Parameters another open freezer holds frozen (`record.FreezeLedger`): the library's, not frozen by hand,
             so they are in units as if they trained.
+        embeddings (`str`, *optional*, defaults to `"unit"`):
+            The embedding units (`is_embedding_unit`): `"unit"`, units like any other; `"merge"`, each joins the next
+            unit (in definition order) that is no embedding, whose name and module the joined unit keeps;
+            `"skip"`, left out (never frozen).
 
     Returns:
         `list[FreezableUnit]`: the units, earliest first. Every parameter of the model that trains is in exactly one
-        unit or in the head.
+        unit or in the head (with `embeddings="skip"`, or in an embedding unit left out).
 
     Example:
 
@@ -202,11 +299,14 @@ def freezable_units(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     validate_choice("granularity", granularity, GRANULARITIES)
+    validate_choice("embeddings", embeddings, EMBEDDINGS)
     model = unwrap_model(model)
     trainable_params = [p for p in model.parameters() if p.requires_grad] + list(held)
     trainable = {id(p) for p in trainable_params}
     if granularity == "block":
-        return _block_units(model, find_head(model, head), trainable)
-    # no rule names a head: the last module owning trainable parameters stands in for it, with a warning
-    found = find_head(model, head, trainable=trainable_params)
-    return _walk_units(model, {id(m) for m in grouped_modules(model)}, found, trainable)
+        units = _block_units(model, find_head(model, head), trainable)
+    else:
+        # no rule names a head: the last module owning trainable parameters stands in for it, with a warning
+        found = find_head(model, head, trainable=trainable_params)
+        units = _walk_units(model, {id(m) for m in grouped_modules(model)}, found, trainable)
+    return _place_embeddings(model, units, embeddings)

@@ -326,7 +326,9 @@ def test_plan_takes_its_option_flags_from_the_definitions(capsys):
     usage = capsys.readouterr().out
     for flag in ("--freeze-start", "--freeze-level", "--order", "--granularity", "--budget"):
         assert flag in usage
-    assert "{definition,execution}" in usage and "Fraction of training, in [0, 1), after which freezing" in usage
+    words = " ".join(usage.split())  # argparse wraps the help
+    assert "{definition,execution}" in usage and "Fraction of training, in [0, 1), at which freezing starts" in words
+    assert "--freeze-start-level" in usage and "{unit,merge,skip}" in usage
     with pytest.raises(SystemExit):
         plan.main(["plan", "--model", "resnet18", "--epochs", "4", "--budget", "time"])
     assert "argument --budget: invalid choice: 'time'" in capsys.readouterr().err
