@@ -58,12 +58,13 @@ def _scripted_gradients(model: torch.nn.Module, units, interval: int) -> None:
             param.grad = torch.full_like(param, scales.get(id(param), 1.0))
 
 
-def test_a_settling_prefix_freezes_growing_within_the_event_bound_after_the_warm_up():
+@pytest.mark.parametrize("freeze_start", [0.35, 0.0])
+def test_a_settling_prefix_freezes_growing_within_the_event_bound_after_the_warm_up(freeze_start):
     set_seed(0)
     model = tiny_timm()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     freezer = LayerFreezer(
-        model, optimizer, freeze_start=0.35, schedule="adaptive", check_every=2, change_threshold=0.5,
+        model, optimizer, freeze_start=freeze_start, schedule="adaptive", check_every=2, change_threshold=0.5,
         max_freeze_events=3,
     )  # fmt: skip
     units, steps = list(freezer.units), 20
@@ -76,12 +77,14 @@ def test_a_settling_prefix_freezes_growing_within_the_event_bound_after_the_warm
         assert _is_prefix(freezer)
         # ground truth by integer arithmetic: at check k (step 2k + 2) units i with i // 5 < k have settled
         check = step // 2 - 1
-        if step % 2 == 0 and check >= 1 and step / steps > 0.35:
+        if step % 2 == 0 and check >= 1 and step / steps > freeze_start:
             count = max(count, bounded_unit_count(min(len(units), 5 * check), len(units), 3))
         expected.append(count)
     assert counts == expected
     assert counts == sorted(counts)  # never unfreezes
-    assert counts[5] == 0  # warm-up: nothing before progress 0.35, though 10 units had settled by step 6
+    # warm-up: nothing before progress 0.35, though 10 units had settled by step 6; without one (freeze_start=0) the
+    # check at step 6 freezes them (the 9 of the first level)
+    assert counts[5] == (0 if freeze_start else 9)
     assert set(counts) <= {0, 9, 18, 28} and len(set(counts)) >= 2  # the levels of 3 events, and some freezing
     assert set(counts) == {0, 9, 18, 28}  # a growing prefix: every level reached, the last one at freeze_level 1.0
     assert all(p.requires_grad for p in model.get_classifier().parameters())
@@ -186,3 +189,50 @@ def test_adaptive_options_are_validated_by_name(kwargs, match):
         FreezeOptions(**kwargs)
     with pytest.raises(ValueError, match=match):
         LayerFreezingCallback(**kwargs)
+
+
+def test_from_the_first_step_the_checks_count_optimizer_steps_and_can_freeze_within_the_first_epoch(tmp_path):
+    """freeze_start=0 and check_every=2 in a run of 2 epochs of 8 steps: checks at steps 2, 4, ... whatever the
+    epoch's length. The first (step 2) only sets the reference, so nothing freezes there although every unit has
+    settled (`change_threshold=SETTLED` forces it); the second (step 4, in the first epoch) freezes up to
+    freeze_level."""
+    from helpers import FreezeTimeline
+
+    callback = LayerFreezingCallback(
+        freeze_start=0.0, freeze_level=0.5, schedule="adaptive", check_every=2, change_threshold=SETTLED
+    )
+    timeline = FreezeTimeline()
+    trainer = _trainer(tmp_path, callback, max_steps=-1, num_train_epochs=2)
+    trainer.add_callback(timeline)
+    trainer.train()
+    assert len(timeline.steps) == 16 and trainer.state.max_steps == 16  # 64 images, batches of 8: 8 steps an epoch
+    level = num_units_to_freeze(0.5, callback.freezer.num_units)
+    prefix = frozenset(n for unit in callback.freezer.units[:level] for n in unit.parameter_names)
+    assert timeline.steps == [frozenset()] * 3 + [prefix] * 13  # frozen after step 4, within the first epoch
+    assert callback.frozen_units == level
+
+
+@pytest.mark.parametrize("freeze_start", [0.5, 0.0])
+def test_the_start_level_is_a_floor_from_freeze_start_on(freeze_start):
+    """freeze_start_level=0.25 with the adaptive schedule: 7 of 28 units frozen from freeze_start on (at progress 0,
+    before the first step, when freeze_start=0), settled or not; the checks then freeze what has settled beyond it
+    (everything, with constant gradients) up to freeze_level 0.5."""
+    model = tiny_timm()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    freezer = LayerFreezer(
+        model, optimizer, freeze_start=freeze_start, freeze_level=0.5, freeze_start_level=0.25, schedule="adaptive",
+        check_every=4,
+    )  # fmt: skip
+    assert freezer.update(0.0).frozen_units == (7 if freeze_start == 0 else 0)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    counts = []
+    for step in range(1, 41):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(freezer.update(step / 40).frozen_units)
+        assert _is_prefix(freezer)
+    if freeze_start:  # nothing before 0.5; the floor at 0.5 (step 20); the first check after it (24) up to the level
+        assert counts == [0] * 19 + [7] * 4 + [14] * 17
+    else:  # the floor from the first step; the second check (8) up to the level
+        assert counts == [7] * 7 + [14] * 33

@@ -163,6 +163,12 @@ RESUME_CASES = {
         dict(freeze_start=0.25, granularity="block", budget="params"),
         8,
     ),
+    # a static prefix frozen from the first step (on_train_begin): the resumed run holds it from its first step too
+    "static-prefix-from-the-first-step": (
+        dict(max_steps=14, save_strategy="steps", save_steps=5),
+        dict(freeze_start=0.0, freeze_start_level=0.5, freeze_level=0.5),
+        10,
+    ),
 }
 
 

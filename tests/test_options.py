@@ -188,6 +188,12 @@ def test_frozen_batchnorm_statistics_stay_bitwise_unchanged_through_train_mode()
         ({"granularity": "stage"}, r"granularity must be one of \('module', 'block'\), got 'stage'"),
         ({"budget": "time"}, r"budget must be one of \('units', 'params', 'flops'\), got 'time'"),
         ({"freeze_batchnorm": "yes"}, r"freeze_batchnorm must be True or False, got 'yes'"),
+        ({"embeddings": "drop"}, r"embeddings must be one of \('unit', 'merge', 'skip'\), got 'drop'"),
+        ({"freeze_start_level": 1.5}, r"freeze_start_level must be a number in \[0, 1\], got 1.5"),
+        (
+            {"freeze_start_level": 0.75, "freeze_level": 0.5},
+            r"^freeze_start_level must be at most freeze_level .*, got freeze_start_level=0.75 and freeze_level=0.5$",
+        ),
     ],
 )
 def test_option_values_are_validated(kwargs, match):
