@@ -110,11 +110,11 @@ def _tiny_llama(lora_targets: list[str] | None = None):
     return model.train()
 
 
-def _simulated_step_run(model, steps: int, freeze_start: float):
-    """Ground truth for a plan in steps: a run of `steps` steps, the freezer updated after each one as
-    `LayerFreezingCallback(freeze_every="step")` does (progress step / steps, not after the last), every step's
-    training FLOPs counted by torch. Returns the freezer and, per step, the units frozen while it trains and its
-    FLOPs."""
+def _simulated_step_run(model, steps: int, **options):
+    """Ground truth for a plan in steps: a run of `steps` steps, the freezer updated when it begins (progress 0) and
+    after each step as `LayerFreezingCallback(freeze_every="step")` does (progress step / steps, not after the last),
+    every step's training FLOPs counted by torch. Returns the freezer, per step the units frozen while it trains and
+    its FLOPs, and the FLOPs of a step with nothing frozen (what the plan's speedups compare with)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -123,36 +123,54 @@ def _simulated_step_run(model, steps: int, freeze_start: float):
     with torch.device("meta"):
         input_ids = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    freezer = LayerFreezer(model, optimizer, freeze_start=freeze_start)
-    frozen, flops = [], []
-    for step in range(1, steps + 1):
+    freezer = LayerFreezer(model, optimizer, **options)
+
+    def step_flops() -> int:
         counter = FlopCounterMode(display=False)
         with counter:
             model(input_ids=input_ids).logits.float().sum().backward()
         optimizer.zero_grad()
+        return counter.get_total_flops()
+
+    unfrozen = step_flops()
+    freezer.update(0.0)  # on_train_begin
+    frozen, flops = [], []
+    for step in range(1, steps + 1):
+        flops.append(step_flops())
         frozen.append(freezer.frozen_units)
-        flops.append(counter.get_total_flops())
         if step < steps:
             freezer.update(step / steps)
-    return freezer, frozen, flops
+    return freezer, frozen, flops, unfrozen
 
 
-def _check_step_plan(rows, saved, frozen: list[int], flops: list[int]) -> None:
-    """The plan's rows are the freeze events of the simulated run, with its FLOP ratios and whole-run saving."""
+def _check_step_plan(rows, saved, frozen: list[int], flops: list[int], unfrozen: int) -> None:
+    """The plan's rows are the freeze events of the simulated run, with its FLOP ratios to an unfrozen step and
+    whole-run saving."""
     events = [(step, k) for step, k in enumerate(frozen, start=1) if step == 1 or k != frozen[step - 2]]
     assert [(r.step, r.frozen_units) for r in rows] == events
     assert all(r.epoch is None for r in rows)
-    assert [r.step_speedup for r in rows] == pytest.approx([flops[0] / flops[step - 1] for step, _ in events])
-    assert saved == pytest.approx(1 - sum(flops) / (len(flops) * flops[0]))
+    assert [r.step_speedup for r in rows] == pytest.approx([unfrozen / flops[step - 1] for step, _ in events])
+    assert saved == pytest.approx(1 - sum(flops) / (len(flops) * unfrozen))
 
 
-def test_causal_lm_plan_by_model_type_in_steps_matches_a_simulated_run():
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"freeze_start": 0.2},
+        # 30% frozen from the first step, embed_tokens merged into layer 0's first unit: 19 units
+        {"freeze_start": 0.0, "freeze_start_level": 0.3, "embeddings": "merge"},
+    ],
+)
+def test_causal_lm_plan_by_model_type_in_steps_matches_a_simulated_run(options):
     rows, saved = freeze_plan(
-        "llama", steps=20, freeze_start=0.2, config_overrides=TINY_LLAMA_OVERRIDES, seq_len=SEQ_LEN, batch_size=BATCH
+        "llama", steps=20, config_overrides=TINY_LLAMA_OVERRIDES, seq_len=SEQ_LEN, batch_size=BATCH, **options
     )
-    freezer, frozen, flops = _simulated_step_run(_tiny_llama(), steps=20, freeze_start=0.2)
-    _check_step_plan(rows, saved, frozen, flops)
-    assert rows[0].num_units == freezer.num_units == 20  # embedding + 9 modules per layer + final norm; not lm_head
+    freezer, frozen, flops, unfrozen = _simulated_step_run(_tiny_llama(), steps=20, **options)
+    _check_step_plan(rows, saved, frozen, flops, unfrozen)
+    merged = options.get("embeddings") == "merge"
+    assert rows[0].frozen_units == (5 if merged else 0)  # floor(0.3 * 19) from the first step
+    # embedding + 9 modules per layer + final norm; not lm_head
+    assert rows[0].num_units == freezer.num_units == (19 if merged else 20)
     assert len(rows) > 5 and rows[-1].step_speedup > 1.2 and 0 < saved < 1
     assert rows[-1].params_frozen == pytest.approx(
         sum(u.numel for u in freezer.units[: rows[-1].frozen_units]) / sum(u.numel for u in freezer.units)
@@ -196,8 +214,8 @@ def test_lora_plan_units_are_the_adapters_and_match_a_simulated_run():
     )
     model = _tiny_llama(["q_proj", "v_proj"])
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}
-    freezer, frozen, flops = _simulated_step_run(model, steps=16, freeze_start=0.25)
-    _check_step_plan(rows, saved, frozen, flops)
+    freezer, frozen, flops, unfrozen = _simulated_step_run(model, steps=16, freeze_start=0.25)
+    _check_step_plan(rows, saved, frozen, flops, unfrozen)
     # Units are the LoRA layers (A and B together), one per wrapped module: 2 layers x (q_proj, v_proj). This needs
     # the library's "units own only parameters that train when the freezer is built" change (units.py, with
     # heads.py's PEFT resolver); before it, PEFT's frozen base weights and lm_head were units too (29 of them).

@@ -6,7 +6,7 @@ from helpers import tiny_timm
 from torch import nn
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-from hf_layer_freeze import freezable_units
+from hf_layer_freeze import LayerFreezer, freezable_units
 from hf_layer_freeze.heads import classifier_modules
 
 TIMM_FAMILIES = ["resnet10t", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"]
@@ -170,3 +170,149 @@ def test_block_granularity_sees_the_timm_model_inside_a_peft_model():
     assert [u.name for u in units] == [f"base_model.model.{n}".rstrip(".") for n in with_qkv]
     assert len(units) == len(model.blocks)
     assert all(len(u.parameters) == 2 for u in units)
+
+
+# embeddings="unit" | "merge" | "skip": the units that save no compute.
+
+
+def _tiny_text(name: str) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    if name == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(**text, num_labels=3))
+    tied = name == "llama-tied"
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+BERT_EMBEDDINGS = [f"bert.embeddings.{n}" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+EMBEDDING_UNITS = {  # (model, granularity): the embedding units, by name
+    ("llama", "module"): ["model.embed_tokens"],
+    ("llama", "block"): ["model.embed_tokens"],
+    ("llama-tied", "module"): [],  # embed_tokens is lm_head's: the head's, never a unit
+    ("bert", "module"): [*BERT_EMBEDDINGS, "bert.embeddings.LayerNorm"],
+    ("bert", "block"): ["bert.embeddings"],  # BertEmbeddings: three lookups and their LayerNorm
+}
+
+
+@pytest.mark.parametrize(("name", "granularity"), list(EMBEDDING_UNITS))
+def test_embedding_units_are_kept_merged_into_the_next_unit_or_left_out(name, granularity):
+    from hf_layer_freeze.units import is_embedding_unit
+
+    model = _tiny_text(name)
+    units = freezable_units(model, granularity)
+    embedding = [u for u in units if is_embedding_unit(u, model)]
+    assert [u.name for u in embedding] == EMBEDDING_UNITS[name, granularity]
+    assert units[: len(embedding)] == embedding  # here they come first
+    rest = units[len(embedding) :]
+    merged = freezable_units(model, granularity, embeddings="merge")
+    skipped = freezable_units(model, granularity, embeddings="skip")
+    assert [u.name for u in merged] == [u.name for u in skipped] == [u.name for u in rest]
+    # merged: the first unit that is no embedding holds the embeddings' parameters, theirs first; the rest unchanged
+    assert merged[0].parameter_names == tuple(n for u in [*embedding, rest[0]] for n in u.parameter_names)
+    assert merged[0].module is rest[0].module
+    assert [u.parameter_names for u in merged[1:]] == [u.parameter_names for u in rest[1:]]
+    # skipped: the embeddings' parameters are in no unit (they train, never frozen); the rest unchanged
+    assert [u.parameter_names for u in skipped] == [u.parameter_names for u in rest]
+    if embedding:
+        _partition_ok(model, merged)
+
+
+# (model, granularity, embeddings, fraction frozen from the first step): the modules frozen, by name prefix
+FROZEN_FROM_THE_FIRST_STEP = {
+    ("llama", "block", "unit", 0.25): ["model.embed_tokens"],  # 1 of 4 units: a lookup, no compute saved
+    ("llama", "block", "merge", 0.25): [],  # floor(0.25 * 3): embed_tokens waits for layers.0
+    ("llama", "block", "skip", 0.25): [],
+    ("llama", "block", "unit", 0.5): ["model.embed_tokens", "model.layers.0."],
+    ("llama", "block", "merge", 0.5): ["model.embed_tokens", "model.layers.0."],
+    ("llama", "block", "skip", 0.5): ["model.layers.0."],  # embed_tokens trains
+    ("llama", "block", "skip", 1.0): ["model.layers.", "model.norm"],
+    ("bert", "block", "unit", 0.25): ["bert.embeddings."],
+    ("bert", "block", "merge", 0.5): ["bert.embeddings.", "bert.encoder.layer.0."],
+    ("bert", "block", "skip", 1.0): ["bert.encoder.", "bert.pooler."],
+    ("llama", "module", "unit", 0.1): ["model.embed_tokens", "model.layers.0.self_attn.q_proj"],  # 2 of 20
+    ("llama", "module", "merge", 0.1): ["model.embed_tokens", "model.layers.0.self_attn.q_proj"],  # 1 of 19
+    ("llama", "module", "skip", 0.1): ["model.layers.0.self_attn.q_proj"],  # 1 of 19
+    ("bert", "module", "unit", 0.2): ["bert.embeddings."],  # 4 of 21: the four embedding units, no compute saved
+    ("bert", "module", "merge", 0.2): [  # 3 of 17
+        "bert.embeddings.",
+        *(f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")),
+    ],
+}
+
+
+@pytest.mark.parametrize(("name", "granularity", "embeddings", "fraction"), list(FROZEN_FROM_THE_FIRST_STEP))
+def test_what_a_fraction_freezes_with_each_embeddings_choice_the_head_never(name, granularity, embeddings, fraction):
+    model = _tiny_text(name)
+    freezer = LayerFreezer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), granularity=granularity, embeddings=embeddings,
+        freeze_start=0.0, freeze_start_level=fraction, freeze_level=fraction,
+    )  # fmt: skip
+    freezer.update(0.0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # the ground truth, not the record
+    prefixes = FROZEN_FROM_THE_FIRST_STEP[name, granularity, embeddings, fraction]
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))}
+    head = model.lm_head if name.startswith("llama") else model.classifier
+    assert all(p.requires_grad for p in head.parameters())
+
+
+def test_budgets_weigh_embeddings_as_the_choice_says():
+    """A tiny Llama by module: `embed_tokens` holds 1024 of the units' 6224 parameters (16%) and no forward FLOP."""
+    model = _tiny_text("llama")
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    frozen = {}
+    for budget in ("params", "flops"):
+        for embeddings in ("unit", "merge", "skip"):
+            freezer = LayerFreezer(
+                model, torch.optim.SGD(model.parameters(), lr=0.1), budget=budget, embeddings=embeddings,
+                freeze_start=0.5,
+            )  # fmt: skip
+            freezer.profile_with(batch)
+            assert freezer.num_units_at(0.5) == 0  # nothing before freeze_start, not even a unit weighing 0
+            fraction = 0.2 if budget == "params" else 0.01
+            frozen[budget, embeddings] = [u.name for u in freezer.units[: freezer.num_units_at(0.5 + fraction / 2)]]
+            freezer.close()
+    layer0 = [f"model.layers.0.self_attn.{n}_proj" for n in "qkvo"]
+    assert sum(p.numel() for p in model.model.embed_tokens.parameters()) == 1024
+    # params, 20%: the embedding alone (1024 <= 1244.8 < 1280), nothing (the merged first unit weighs 1280) or
+    # layer 0's attention (1024 of the 5200 without it)
+    assert frozen["params", "unit"] == ["model.embed_tokens"]
+    assert frozen["params", "merge"] == []
+    assert frozen["params", "skip"] == layer0
+    # flops, 1%: the embedding weighs 0, so it freezes with any fraction above 0; merged, it weighs q_proj's FLOPs
+    assert frozen["flops", "unit"] == ["model.embed_tokens"]
+    assert frozen["flops", "merge"] == frozen["flops", "skip"] == []
+
+
+def test_patch_and_stem_convolutions_are_no_embedding_units():
+    """They cost FLOPs: a ViT's patch embedding, a ResNet's stem; nor is a ViT's cls_token / pos_embed (no lookup)."""
+    for model in (tiny_timm("vit_tiny_patch16_224"), tiny_timm("resnet10t")):
+        for granularity in ("module", "block"):
+            units = [u.name for u in freezable_units(model, granularity)]
+            assert [u.name for u in freezable_units(model, granularity, embeddings="skip")] == units
+
+
+@pytest.mark.parametrize("cache_activations", [False, True])
+def test_skipped_embeddings_train_at_every_step_below_a_frozen_prefix(cache_activations):
+    """embeddings="skip" with layer 0 of a tiny Llama frozen from the first step: the backward still runs down to
+    `embed_tokens`, which changes at every step, also with activation caching on over repeated batches (it cannot
+    serve a prefix whose embeddings train); layer 0 stays bitwise as given."""
+    model = _tiny_text("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    freezer = LayerFreezer(
+        model, optimizer, granularity="block", embeddings="skip", freeze_start=0.0, freeze_start_level=0.5,
+        freeze_level=0.5, cache_activations=cache_activations,
+    )  # fmt: skip
+    freezer.update(0.0)
+    layer0 = [p.detach().clone() for p in model.model.layers[0].parameters()]
+    batches = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for step in range(6):  # three epochs over the same two batches
+        ids = batches[step % 2]
+        before = model.model.embed_tokens.weight.detach().clone()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert not torch.equal(before, model.model.embed_tokens.weight), step
+    assert all(torch.equal(a, b) for a, b in zip(layer0, model.model.layers[0].parameters(), strict=True))
+    assert model.model.embed_tokens.weight.requires_grad and freezer.frozen_units == 1
