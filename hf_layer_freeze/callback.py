@@ -39,7 +39,9 @@ class LayerFreezingCallback(TrainerCallback, ExportableState):
     of each epoch (the method card's rule) when the run has enough epochs for several freezes, else as soon as the
     schedule asks for one more unit (`freeze_every="auto"`), so fine-tuning runs of 1 to 3 epochs follow the
     schedule too. The schedule follows the planned length (`state.max_steps`): a run stopped early (for instance by
-    `EarlyStoppingCallback`) has frozen what the schedule had reached at that step.
+    `EarlyStoppingCallback`) has frozen what the schedule had reached at that step. What the schedule freezes from the
+    first step (`freeze_start=0` with `freeze_start_level > 0`: a static prefix, or a ramp from it) is frozen at
+    `on_train_begin`, before the first optimizer step.
 
     Fine-tuning is the normal case: only parameters that train when training begins are units (PEFT's base weights,
     or an embedding frozen by hand, are not the callback's to freeze or to give back), a LoRA layer's adapters

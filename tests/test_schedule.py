@@ -352,6 +352,13 @@ def test_a_schedule_from_a_start_level_is_monotonic_and_bounded(start, level, sh
     assert f_hi >= start_level if hi >= start else f_hi == 0.0
 
 
+def test_a_static_prefix_from_the_first_step_is_not_warned_about_few_epoch_ends():
+    from hf_layer_freeze.schedule import coarse_epochs_warning
+
+    assert coarse_epochs_warning("epoch", 2, 10, 0.0, 0.5, 0.5) is None  # frozen at on_train_begin
+    assert "freezes at 1 epoch end(s)" in coarse_epochs_warning("epoch", 2, 10, 0.0, 1.0, 0.1)  # a ramp: it grows
+
+
 def test_a_start_level_above_the_level_names_both_values():
     with pytest.raises(ValueError) as error:
         freeze_fraction(0.5, 0.0, 0.5, 0.75)
