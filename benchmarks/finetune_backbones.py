@@ -81,7 +81,7 @@ class LMSettings:
 
 
 QUICK_LM = LMSettings(
-    pretrain_chars=400_000, heldout_chars=100_000, tokenizer_chars=200_000, max_steps=40, eval_every=20, eval_blocks=32
+    pretrain_chars=400_000, heldout_chars=100_000, tokenizer_chars=200_000, max_steps=24, eval_every=12, eval_blocks=32
 )
 """`--quick`'s backbone: a few seconds of pretraining, so a smoke run needs no cache; it settles nothing."""
 
