@@ -94,7 +94,15 @@ TASK_SETTINGS: dict[str, tuple[RunSettings, RunSettings]] = {
     "control": (RunSettings(steps=32, batch_size=8, lr=1e-3), RunSettings(steps=8, batch_size=8, lr=1e-3)),
 }
 # --quick runs these only (three baseline lengths, so the curve interpolates), on 2 seeds: it checks the code paths.
-QUICK_CONFIGS = ("baseline@0.5", "baseline@1", "baseline@1.5", "static-50", "static-50+cache", "linear-0.1", "adaptive+cache")
+QUICK_CONFIGS = (
+    "baseline@0.5",
+    "baseline@1",
+    "baseline@1.5",
+    "static-50",
+    "static-50+cache",
+    "linear-0.1",
+    "adaptive+cache",
+)
 
 
 def baseline_name(length: float) -> str:
@@ -130,8 +138,7 @@ def freezing_options(config: str, task: Task) -> tuple[dict[str, Any], int | Non
 
 def static_fallback_units(task: Task, level: float) -> int:
     """Units covering `level` of the blocks, the embeddings (or stem) with the first block, on today's units."""
-    names = task._unit_names or []
-    task.step_flops()
+    task.step_flops()  # counts the units, on the meta copy
     names = task._unit_names
     lead = 1 if names and (names[0].endswith("embed_tokens") or names[0] == "") else 0
     blocks = sum(1 for n in names if n.split(".")[-1].isdigit())
@@ -221,7 +228,9 @@ def analyse(task: Task, runs: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = sorted({r["seed"] for r in mine})
     curves: dict[str, dict[int, list]] = {"flops": {}, "time": {}}
     for seed in seeds:
-        points = [r for r in mine if r["seed"] == seed and (r["config"].startswith("baseline@") or r["config"] == "before")]
+        points = [
+            r for r in mine if r["seed"] == seed and (r["config"].startswith("baseline@") or r["config"] == "before")
+        ]
         curves["flops"][seed] = [(r["flops"], r["quality"]) for r in points]
         curves["time"][seed] = [(r["train_time_s"], r["quality"]) for r in points]
     table: dict[str, Any] = {}
@@ -249,7 +258,8 @@ def analyse(task: Task, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def verdict(task: Task, table: dict[str, Any], seeds: int) -> str:
-    """One line: the configuration whose wall-time ratio interval lies highest above 1 on both measures, or 'did not'."""
+    """One line: the configuration whose wall-time ratio interval lies highest above 1 on both measures, or 'did
+    not'."""
     if seeds < 2:
         return f"{task.name}: one seed, no interval: no verdict."
     moved = [
@@ -454,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = [
         f"## Fine-tuning against the unfrozen frontier: {len(args.seeds)} seeds{caveat}",
         "",
-        f"{machine['date']}, {machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch threads, "
+        f"{machine['date']}, {machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch "
+        "threads, "
         f"torch {machine['torch']}, transformers {machine['transformers']}; 1-minute load average during the runs "
         f"{min(loads):.1f}-{max(loads):.1f}. Mean ± sd over seeds; cost ratio = baseline cost to reach the "
         "configuration's quality (interpolated on the baseline's 0.25x-1.5x curve) / its cost, mean (paired 95% "

@@ -113,7 +113,8 @@ def compare_to_curve(
     runs: dict[int, tuple[float, float]],
     higher_is_better: bool,
 ) -> Comparison:
-    """Per seed: `curves[seed]` the baseline's (cost, quality) points, `runs[seed]` the configuration's (cost, quality).
+    """Per seed: `curves[seed]` the baseline's (cost, quality) points, `runs[seed]` the configuration's (cost,
+    quality).
     Only seeds in both count; at least 2."""
     seeds = sorted(set(curves) & set(runs))
     sign = 1.0 if higher_is_better else -1.0

@@ -229,7 +229,8 @@ def train(
 
 
 def count_flops(task: Task) -> tuple[list[int], list[int], list[str]]:
-    """(train-step FLOPs per frozen count, forward FLOPs of the cache prefix per cut, unit names), on the meta device."""
+    """(train-step FLOPs per frozen count, forward FLOPs of the cache prefix per cut, unit names), on the meta
+    device."""
     from hf_layer_freeze.cache_layout import prefix_layout
 
     model = task.meta_model()
@@ -256,8 +257,14 @@ def count_flops(task: Task) -> tuple[list[int], list[int], list[str]]:
     spent: dict[int, int] = {}
     handles = []
     for i, module in enumerate(modules):
-        handles.append(module.register_forward_pre_hook(lambda m, a, i=i: spent.__setitem__(i, -counter.get_total_flops())))
-        handles.append(module.register_forward_hook(lambda m, a, o, i=i: spent.__setitem__(i, spent[i] + counter.get_total_flops())))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, i=i: spent.__setitem__(i, -counter.get_total_flops()))
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, i=i: spent.__setitem__(i, spent[i] + counter.get_total_flops())
+            )
+        )
     with counter, torch.no_grad():
         task.loss(model, inputs, labels)
     for h in handles:
@@ -332,14 +339,18 @@ class LMTask(Task):
         self.train_inputs = {"input_ids": data["train"]}
         self.eval_set = data["eval"]
         self.data = {k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}
-        self.data.update({"train_blocks": len(data["train"]), "eval_blocks": len(data["eval"]), "block_size": lm.block_size})
+        self.data.update(
+            {"train_blocks": len(data["train"]), "eval_blocks": len(data["eval"]), "block_size": lm.block_size}
+        )
         return info
 
     def model(self, seed: int) -> nn.Module:
         model = LlamaForCausalLM.from_pretrained(self.backbone.folder)
         if self.mode == "lora":
             torch.manual_seed(seed)
-            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS))
+            model = get_peft_model(
+                model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS)
+            )
         return model
 
     def loss(self, model, inputs, labels):
@@ -352,7 +363,9 @@ class LMTask(Task):
         with torch.device("meta"):
             model = LlamaForCausalLM(self.backbone.config())
             if self.mode == "lora":
-                model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS))
+                model = get_peft_model(
+                    model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS)
+                )
         return model
 
 
@@ -478,7 +491,8 @@ class VisionTask(Task):
         self.train_inputs = {"x": x[chosen]}
         self.train_labels = y[chosen]
         self.test_x, self.test_y = torch.cat([tx, x[rest]]), torch.cat([ty, y[rest]])
-        self.data = {"classes": list(self.vision.classes), "train_images": len(chosen), "test_images": len(self.test_y),
+        self.data = {"classes": list(self.vision.classes), "train_images": len(chosen),
+                     "test_images": len(self.test_y),
                      "test": "the test split of digits 5-9 and their training images not drawn"}  # fmt: skip
         return info
 
@@ -491,7 +505,10 @@ class VisionTask(Task):
     @torch.no_grad()
     def quality(self, model: nn.Module) -> float:
         model.eval()
-        correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(self.test_x.split(256), self.test_y.split(256), strict=True))
+        correct = sum(
+            int((model(xb).argmax(-1) == yb).sum())
+            for xb, yb in zip(self.test_x.split(256), self.test_y.split(256), strict=True)
+        )
         model.train()
         return correct / len(self.test_y)
 
