@@ -371,7 +371,7 @@ class LMTask(Task):
 
 @dataclass(frozen=True)
 class ClassifySettings:
-    per_class: int = 16
+    per_class: int = 12
     test_per_class: int = 100
     max_tokens: int = 32
     min_chars: int = 80
@@ -466,7 +466,7 @@ class ClassifyTask(Task):
 @dataclass(frozen=True)
 class VisionTaskSettings:
     classes: tuple[int, ...] = (5, 6, 7, 8, 9)
-    per_class: int = 40
+    per_class: int = 20
 
 
 class VisionTask(Task):
