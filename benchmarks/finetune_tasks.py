@@ -1,726 +1,522 @@
-"""The fine-tuning tasks of `bench_finetune.py`: their data, their pretrained backbones, one fine-tuning run, and the
-FLOPs of a training step with k units frozen.
+"""The fine-tuning tasks of `bench_finetune.py`, one training loop for all, and the FLOPs of a training step.
 
-Three tasks, two backbones:
+Tasks (data in `finetune_data.py`, backbones in `finetune_backbones.py`); each has a fixed, small training set that
+every epoch reshuffles (so activation caching can serve from the second epoch on) and a fixed held-out set:
 
-- `text-lora` and `text-full`: a Llama-style causal LM (`LlamaForCausalLM` from a `LlamaConfig`) pretrained in full on
-  most of the documentation topics shipped with Python (`examples/text_data.py`), then fine-tuned on the held-out
-  topics with the `transformers.Trainer` and `LayerFreezingCallback`, with LoRA adapters or in full. Quality: the loss
-  on the held-out end of each fine-tuning topic (lower is better), and its perplexity.
-- `vision`: a timm ResNet pretrained on five of the ten classes of scikit-learn's digits, then fine-tuned with a new
-  head on a few examples of each of the other five, in a plain PyTorch loop driving `LayerFreezer`. Quality: test
-  accuracy on every image of those five classes that fine-tuning did not see (higher is better).
+- `pydoc-full`, `pydoc-lora`: domain adaptation of the code LM to English, `pydoc_data.topics`: training blocks from
+  the beginnings of the topics, held-out blocks from their ends; in full, or with LoRA (PEFT, r=8 on q, k, v, o).
+  Quality: held-out loss (lower is better).
+- `classify`: docstrings labelled by their top-level package (`CLASSIFY_PACKAGES`), from files never pretrained on,
+  split by file, de-duplicated; `LlamaForSequenceClassification` on the code LM (last-token pooling, a new linear
+  head), fine-tuned in full for `epochs` epochs (AutoFreeze's regime). Quality: test accuracy (higher is better).
+- `vision`: the digits ResNet (pretrained on 0-4) with a new head, fine-tuned in full on `per_class` images of each
+  of the digits 5-9, no augmentation (augmented inputs never repeat, so the cache could not serve; say so). Quality:
+  accuracy on every other image of 5-9.
+- `control`: the code LM fine-tuned on held-out source files of its own pretraining distribution (the reserved
+  part, split by file): the positive control, where freezing should cost almost nothing. Quality: held-out loss.
 
-Each backbone is pretrained once, deterministically, and cached under `<output-dir>/pretrained/`, in a folder named by
-a hash of every setting that changes it (model, data split, optimizer, steps, seed, device, torch threads, and the
-versions of Python, torch, transformers and timm); `pretrain.json`, written last, holds its pretraining loss or
-accuracy and its held-out quality, and marks the cache complete.
+The loop (`train`): AdamW, linear warmup over `warmup_ratio` then cosine to zero at the run's last step (a shorter
+baseline compresses the whole schedule), and, for a freezing run, a `LayerFreezer` updated with `(step + 1) / steps`
+after every optimizer step: the library's custom-loop path, used for every task so the clock measures the same kind
+of loop everywhere (the Trainer's per-step bookkeeping would weigh more on these few-millisecond steps). Wall time:
+the loop, from building the optimizer and the freezer to the last step; not model loading, not evaluation.
 
-FLOPs are torch's count (`torch.utils.flop_counter.FlopCounterMode`: matrix products, convolutions and attention; not
-elementwise work nor the optimizer update) of one training step (forward, loss, backward) on a copy of the
-architecture on the meta device, frozen as the run was: a `LayerFreezer` with the same unit options on that copy, and
-`freeze_units(k)` for each k. (Counted on the real model on CPU, the Llama's attention would be missing: torch's
-counter has no formula for the CPU flash-attention kernel; on the meta device it is counted. The vision counts equal
-the real model's.) Every batch of a run has the same shape (fixed-length text blocks, `drop_last`), so a
-run's training FLOPs are exactly the sum over its steps of the step FLOPs at the frozen count of each step.
+FLOPs: torch's `FlopCounterMode` (matrix products, convolutions, attention) of one training step (forward, loss,
+backward) on a meta-device copy frozen as the run was (a `LayerFreezer` with the same unit options and
+`freeze_units(k)` for each k; unit names checked against the trained model's), summed over the run's steps at each
+step's frozen count, minus the forward FLOPs the activation cache skipped (`total_flops_skipped` where the cache
+counts it, for the rows it served; else its whole-batch hits times the frozen prefix's forward FLOPs, counted on the
+meta copy per cut). The cache's own count is 0.94 of the meta copy's for the Llama prefix (24 whole hits of
+`static-50+cache` on `pydoc-full`: 12.88 against 13.69 GFLOPs, apparently the attention torch's counter does not see
+on CPU) and equal to it for the ResNet, so the credit is, if anything, short: conservative for caching.
+Elementwise work and the optimizer update are not counted. Every batch has the same shape (drop_last, fixed
+lengths), so the count is exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import hashlib
 import json
 import math
-import platform
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from finetune_backbones import CodeLM, DigitsResNet, lm_loss
+from finetune_data import digits_split, docstring_examples, pydoc_topics_split, source_part, token_stream
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification, get_cosine_schedule_with_warmup
+from transformers.utils import logging as transformers_logging
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples' data helpers, as bench_accuracy.py imports them
-    sys.path.insert(0, str(ROOT / "examples"))
-
-import timm  # noqa: E402
-import transformers  # noqa: E402
-from image_data import load_image_data  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from text_data import build_tokenizer, load_topics, split_topics, token_blocks  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    PrinterCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    default_data_collator,
-    get_cosine_schedule_with_warmup,
-    set_seed,
-)
-from transformers.utils import logging as transformers_logging  # noqa: E402
-
-from hf_layer_freeze import LayerFreezer, LayerFreezingCallback  # noqa: E402
+from hf_layer_freeze import FreezeOptions, LayerFreezer
+from hf_layer_freeze.activation_cache import ActivationCache
 
 transformers_logging.set_verbosity_error()
-transformers_logging.disable_progress_bar()  # loading and saving weights
-# PEFT reads a deprecated transformers attribute on every wrap; and with freeze_level=1.0 on a LoRA model the freezer
-# keeps the last adapter so that the optimizer is not left empty, and says so once per run: both are expected here.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+transformers_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message=".*would leave the optimizer with no parameter")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*runs in eval mode")  # the cache's note that the prefix runs in eval mode
 
-UNIT_OPTIONS: dict[str, Any] = {"order": "definition", "granularity": "module"}
-"""The options that decide what a unit is (the library's defaults, the card's depth-first order), given both to the
-trained model's freezer and to the FLOP-counting copy's, so both freeze the same units."""
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-TRAINER_SCRATCH = Path(tempfile.gettempdir()) / "bench_finetune_trainer"  # the Trainer's output_dir; nothing is saved
-
-
-def lora_config() -> LoraConfig:
-    """The adapters of `text-lora`: rank 8 on the attention projections, PEFT's defaults otherwise (alpha 8, no
-    dropout)."""
-    return LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=list(LORA_TARGETS))
+OPTIONS = {f.name for f in dataclasses.fields(FreezeOptions)}
+HAS_START_LEVEL = "freeze_start_level" in OPTIONS
+HAS_EMBEDDINGS = "embeddings" in OPTIONS
+UNIT_OPTIONS: dict[str, Any] = {"granularity": "block", "order": "definition"}
+if HAS_EMBEDDINGS:
+    UNIT_OPTIONS["embeddings"] = "merge"  # the embeddings save no compute frozen alone: frozen with the first block
+CLASSIFY_PACKAGES = ("torch", "transformers", "sympy", "pandas")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    """
-    One fine-tuning run's schedule: `steps` optimizer steps of `batch_size` examples, AdamW at peak `lr` with a linear
-    warmup over `warmup_ratio` of the steps and a cosine decay to zero at the last step. A shorter run (a cost-matched
-    baseline) compresses this whole schedule to its own length.
-    """
+class RunSettings:
+    """A task's full-length run: `steps` optimizer steps of `batch_size` examples, AdamW at peak `lr`."""
 
     steps: int
     batch_size: int
     lr: float
-    warmup_ratio: float = 0.1
     weight_decay: float = 0.0
-
-
-@dataclass(frozen=True)
-class TextSettings:
-    """The text backbone: a Llama-style model, its tokenizer, the topic split and its pretraining."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    block_size: int = 128
-    vocab_size: int = 2048
-    tie_word_embeddings: bool = False
-    held_out_fraction: float = 0.3  # share of the characters whose topics are kept out of pretraining
-    eval_fraction: float = 0.2  # share of each fine-tuning topic held out for evaluation
-    split_seed: int = 0
-    pretrain_steps: int = 300
-    pretrain_batch_size: int = 16
-    pretrain_lr: float = 3e-3
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class VisionSettings:
-    """The vision backbone: a timm model trained from random weights on the digits of `pretrain_classes`."""
-
-    architecture: str = "resnet10t"
-    image_size: int = 32
-    pretrain_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
-    pretrain_epochs: int = 30
-    pretrain_batch_size: int = 64
-    pretrain_lr: float = 2e-3
-    pretrain_weight_decay: float = 0.05
-    seed: int = 0  # initialization, batches, jitter
+    warmup_ratio: float = 0.1
 
 
 @dataclass
 class RunResult:
-    """What one fine-tuning run measured."""
-
     steps: int
-    quality: float  # held-out loss (text) or test accuracy (vision)
-    train_time_s: float  # the training loop alone: no model loading, no evaluation
-    step_time_s: float  # the sum of the optimizer steps' own times (forward, backward, update, freezing)
-    frozen_units_per_step: list[int]  # units frozen while each step ran
+    quality: float
+    train_time_s: float
+    frozen_units_per_step: list[int]
     num_units: int | None
-    extra: dict[str, Any]
+    unit_names: list[str] | None
+    cache: dict[str, Any]
+    skipped_flops_fallback: int  # whole-batch hits times the prefix's forward FLOPs (used without the new counter)
 
 
-def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-    }
+def _frozen_count(freezer: LayerFreezer | None) -> int:
+    return 0 if freezer is None else freezer.frozen_units
 
 
-def cache_folder(cache_dir: Path, kind: str, settings: Any, device: str) -> Path:
-    """
-    `<cache_dir>/<kind>-<hash>`: the hash covers every setting, the device, the library versions and the number of
-    torch threads (CPU kernels sum in an order that depends on it: the same seed at 1 and at 2 threads ends in other
-    weights).
-    """
-    key = {"settings": asdict(settings), "device": device, "versions": versions(), "threads": torch.get_num_threads()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir / f"{kind}-{digest}"
-
-
-def synchronize(device: str) -> None:
-    """A GPU runs ahead of Python: wait for it, so that the clock measures its work."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def count_step_flops(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> int:
-    """FLOPs of one training step (forward, loss, backward) as torch counts them."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss_of(model).backward()
-    for param in model.parameters():
-        param.grad = None
-    return counter.get_total_flops()
-
-
-def flops_by_frozen_units(
-    model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]
-) -> tuple[list[int], list[str]]:
-    """
-    `flops[k]`: one training step's FLOPs with the first k units frozen, for k = 0 .. number of units; and the unit
-    names. `model` is a meta-device copy of the trained architecture, in training mode; it ends fully frozen.
-    """
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    freezer = LayerFreezer(model, optimizer, **UNIT_OPTIONS)
-    flops = []
-    for count in range(freezer.num_units + 1):
-        freezer.freeze_units(count)  # stops short of leaving the optimizer empty, as in training
-        flops.append(count_step_flops(model, loss_of))
-    names = [unit.name for unit in freezer.units]
-    freezer.close()
-    return flops, names
-
-
-class FinetuneTask:
-    """One fine-tuning task: `prepare()` (pretraining, cached), then `run()` any number of times."""
+class Task:
+    """A fine-tuning task: `prepare()`, then `run()` any number of times (see the module docstring)."""
 
     name: str
     quality_name: str
     higher_is_better: bool
 
-    def __init__(self, settings: FinetuneSettings, device: str) -> None:
+    def __init__(self, settings: RunSettings) -> None:
         self.settings = settings
-        self.device = device
-        self.pretraining: dict[str, Any] = {}
+        self.train_inputs: dict[str, torch.Tensor] = {}
+        self.train_labels: torch.Tensor | None = None
         self._flops: list[int] | None = None
+        self._prefix_flops: list[int] | None = None
         self._unit_names: list[str] | None = None
+        self.data: dict[str, Any] = {}
 
-    def prepare(self, cache_dir: Path) -> dict[str, Any]:
+    # --- per task ---------------------------------------------------------------------------------------------------
+    def prepare(self, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def data_summary(self) -> dict[str, Any]:
+    def model(self, seed: int) -> nn.Module:
         raise NotImplementedError
 
-    def run(self, steps: int, seed: int, freeze: dict[str, Any] | None) -> RunResult:
+    def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _meta_model_and_loss(self) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
+    def quality(self, model: nn.Module) -> float:
         raise NotImplementedError
+
+    def meta_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        return len(next(iter(self.train_inputs.values())))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_train // self.settings.batch_size
+
+    def meta_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        b = self.settings.batch_size
+        with torch.device("meta"):
+            inputs = {k: torch.empty((b, *v.shape[1:]), dtype=v.dtype) for k, v in self.train_inputs.items()}
+            labels = None if self.train_labels is None else torch.empty(b, dtype=self.train_labels.dtype)
+        return inputs, labels
 
     def step_flops(self) -> list[int]:
-        """`step_flops()[k]`: one training step's FLOPs with k units frozen (counted once, on the meta device)."""
+        """`step_flops()[k]`: one training step's FLOPs with k units frozen, counted on the meta device."""
         if self._flops is None:
-            model, loss_of = self._meta_model_and_loss()
-            self._flops, self._unit_names = flops_by_frozen_units(model, loss_of)
+            self._flops, self._prefix_flops, self._unit_names = count_flops(self)
         return self._flops
 
-    def run_flops(self, frozen_units_per_step: list[int]) -> int:
-        table = self.step_flops()
-        return sum(table[count] for count in frozen_units_per_step)
-
-    def check_units(self, freezer: LayerFreezer) -> None:
-        """The trained model's units must be those the FLOPs were counted for."""
+    def prefix_forward_flops(self) -> list[int]:
+        """`[cut]`: forward FLOPs of the cache's prefix ending at block `cut` (what a whole-batch hit skips)."""
         self.step_flops()
-        names = [unit.name for unit in freezer.units]
-        if names != self._unit_names:
-            raise RuntimeError(
-                f"{self.name}: the trained model's freezable units differ from the FLOP-counting copy's "
-                f"({len(names)} vs {len(self._unit_names)}); the FLOP count would not describe the run"
+        return self._prefix_flops
+
+    def run(self, steps: int, seed: int, freeze: dict[str, Any] | None, static_units: int | None = None) -> RunResult:
+        model = self.model(seed)
+        result = train(self, model, steps, seed, freeze, static_units)
+        result.quality = self.quality(model)
+        del model
+        gc.collect()
+        return result
+
+
+def train(
+    task: Task, model: nn.Module, steps: int, seed: int, freeze: dict[str, Any] | None, static_units: int | None
+) -> RunResult:
+    """The loop (see the module docstring). `static_units`: freeze that many units before the first step and never
+    update (the static-prefix fallback while `freeze_start_level` is not in the library)."""
+    s = task.settings
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = task.steps_per_epoch
+    frozen: list[int] = []
+    prefix = task.prefix_forward_flops() if freeze and freeze.get("cache_activations") else None
+    skipped_fallback = 0
+    start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(s.warmup_ratio * steps), steps)
+    freezer = LayerFreezer(model, optimizer, **UNIT_OPTIONS, **freeze) if freeze is not None else None
+    cache = freezer.listener(ActivationCache) if freezer is not None else None
+    if freezer is not None:
+        if static_units is not None:
+            freezer.freeze_units(static_units)
+        else:
+            freezer.update(0.0)  # freeze_start=0: what the schedule asks for at the first step
+    order = torch.arange(task.num_train)
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(task.num_train, generator=generator)
+        index = order[(step % per_epoch) * s.batch_size : (step % per_epoch + 1) * s.batch_size]
+        inputs = {k: v[index] for k, v in task.train_inputs.items()}
+        labels = None if task.train_labels is None else task.train_labels[index]
+        frozen.append(_frozen_count(freezer))
+        hits_before = cache.total_hits if cache is not None else 0
+        loss = task.loss(model, inputs, labels)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cache is not None and cache.total_hits > hits_before and cache.cut >= 0:
+            skipped_fallback += prefix[cache.cut]
+        if freezer is not None and static_units is None:
+            freezer.update((step + 1) / steps)
+    seconds = time.perf_counter() - start
+    stats: dict[str, Any] = {}
+    if cache is not None:
+        for key in ("total_steps", "total_hits", "total_rows", "total_rows_served", "total_flops_skipped"):
+            if hasattr(cache, key):
+                stats[key] = int(getattr(cache, key))
+    names = [u.name for u in freezer.units] if freezer is not None else None
+    if freezer is not None:
+        freezer.unfreeze()
+        freezer.close()
+        task.step_flops()
+        if len(names) != len(task._unit_names):
+            raise RuntimeError(f"{task.name}: the trained model's units differ from the FLOP-counting copy's")
+    return RunResult(
+        steps=steps, quality=float("nan"), train_time_s=seconds, frozen_units_per_step=frozen,
+        num_units=freezer.num_units if freezer is not None else None, unit_names=names, cache=stats,
+        skipped_flops_fallback=skipped_fallback,
+    )  # fmt: skip
+
+
+def count_flops(task: Task) -> tuple[list[int], list[int], list[str]]:
+    """(train-step FLOPs per frozen count, forward FLOPs of the cache prefix per cut, unit names), on the meta
+    device."""
+    from hf_layer_freeze.cache_layout import prefix_layout
+
+    model = task.meta_model()
+    model.train()
+    inputs, labels = task.meta_batch()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    freezer = LayerFreezer(model, optimizer, **UNIT_OPTIONS)
+    names = [u.name for u in freezer.units]
+    flops = []
+    for count in range(freezer.num_units + 1):
+        freezer.freeze_units(count)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            task.loss(model, inputs, labels).backward()
+        for p in model.parameters():
+            p.grad = None
+        flops.append(counter.get_total_flops())
+    freezer.unfreeze()
+    freezer.close()
+    # Forward FLOPs per prefix module, by hooks reading the counter's running total.
+    layout = prefix_layout(model)
+    modules = [*[m for m in layout.before if any(True for _ in m.parameters())], *layout.blocks]
+    counter = FlopCounterMode(display=False)
+    spent: dict[int, int] = {}
+    handles = []
+    for i, module in enumerate(modules):
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, i=i: spent.__setitem__(i, -counter.get_total_flops()))
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, i=i: spent.__setitem__(i, spent[i] + counter.get_total_flops())
             )
+        )
+    with counter, torch.no_grad():
+        task.loss(model, inputs, labels)
+    for h in handles:
+        h.remove()
+    before = sum(spent[i] for i in range(len(modules) - len(layout.blocks)))
+    blocks = [spent[i] for i in range(len(modules) - len(layout.blocks), len(modules))]
+    prefix = [before + sum(blocks[: cut + 1]) for cut in range(len(blocks))]
+    return flops, prefix, names
+
+
+def _cached(folder: Path, name: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A task's data, built once per backbone (it depends on the tokenizer) and kept beside it."""
+    path = folder / f"data-{name}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    data = build()
+    torch.save(data, path)
+    return data
+
+
+def _pick(blocks: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    if len(blocks) < count:
+        raise ValueError(f"needs {count} blocks, the text gives {len(blocks)}")
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Text
+# Language-model tasks
 
 
-class _StepRecorder(TrainerCallback):
-    """Units frozen while each optimizer step runs (read when it begins), and the steps' own durations."""
-
-    def __init__(self, freezing: LayerFreezingCallback | None, device: str) -> None:
-        self.freezing = freezing
-        self.device = device
-        self.frozen_units: list[int] = []
-        self.step_time_s = 0.0
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.frozen_units.append(self.freezing.frozen_units if self.freezing is not None else 0)
-        synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # LayerFreezingCallback puts itself first: a freeze made at the end of this step is timed with it.
-        synchronize(self.device)
-        self.step_time_s += time.perf_counter() - self._start
+@dataclass(frozen=True)
+class LMTaskSettings:
+    train_blocks: int = 64
+    eval_blocks: int = 96
+    block_size: int = 64
+    lora_r: int = 8
 
 
-def quiet_trainer(**kwargs: Any) -> Trainer:
-    """A `Trainer` that prints nothing (with `disable_tqdm` it would print every log)."""
-    trainer = Trainer(**kwargs)
-    trainer.remove_callback(PrinterCallback)
-    return trainer
-
-
-class TextBackbone:
-    """The pretrained Llama-style model and its data, shared by `text-lora` and `text-full`."""
-
-    def __init__(self, settings: TextSettings, device: str) -> None:
-        self.settings = settings
-        self.device = device
-        self.folder: Path | None = None
-        self.info: dict[str, Any] | None = None
-        split = split_topics(
-            load_topics(), held_out_fraction=settings.held_out_fraction, eval_fraction=settings.eval_fraction,
-            seed=settings.split_seed,
-        )  # fmt: skip
-        self.split = split
-        self.tokenizer: PreTrainedTokenizerFast = build_tokenizer(split.pretrain.values(), settings.vocab_size)
-        self.pretrain_set = token_blocks(split.pretrain.values(), self.tokenizer, settings.block_size)
-        self.train_set = token_blocks(split.finetune_train.values(), self.tokenizer, settings.block_size)
-        self.eval_set = token_blocks(split.finetune_eval.values(), self.tokenizer, settings.block_size)
-
-    def config(self) -> LlamaConfig:
-        s = self.settings
-        return LlamaConfig(
-            vocab_size=len(self.tokenizer), hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
-            num_attention_heads=s.num_heads, num_key_value_heads=s.num_heads, intermediate_size=s.intermediate_size,
-            max_position_embeddings=s.block_size, bos_token_id=self.tokenizer.eos_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            tie_word_embeddings=s.tie_word_embeddings,
-        )  # fmt: skip
-
-    def data_summary(self) -> dict[str, Any]:
-        split = self.split
-        return {
-            "source": f"pydoc_data.topics of Python {platform.python_version()}",
-            "pretrain_topics": len(split.pretrain),
-            "pretrain_chars": sum(map(len, split.pretrain.values())),
-            "pretrain_blocks": len(self.pretrain_set),
-            "finetune_topics": len(split.finetune_train),
-            "finetune_train_chars": sum(map(len, split.finetune_train.values())),
-            "finetune_train_blocks": len(self.train_set),
-            "finetune_eval_chars": sum(map(len, split.finetune_eval.values())),
-            "finetune_eval_blocks": len(self.eval_set),
-            "block_size": self.settings.block_size,
-        }
-
-    def training_arguments(self, output_dir: Path, **overrides: Any) -> TrainingArguments:
-        """What every Trainer here shares: no checkpoint, no report, no progress bar, equal batches."""
-        on_gpu = self.device == "cuda"
-        settings = {
-            "output_dir": str(output_dir),  # nothing is written: save_strategy="no"
-            "lr_scheduler_type": "cosine",
-            "eval_strategy": "no",
-            "save_strategy": "no",
-            "report_to": [],
-            "disable_tqdm": True,
-            "dataloader_num_workers": 0,
-            "dataloader_drop_last": True,  # every step has the same shape, so its FLOPs are exact
-            "dataloader_pin_memory": on_gpu,
-            "per_device_eval_batch_size": 32,
-            "use_cpu": not on_gpu,
-            "bf16": on_gpu,
-            **overrides,
-        }
-        return TrainingArguments(**settings)
-
-    def evaluate(self, model: nn.Module, output_dir: Path) -> float:
-        trainer = quiet_trainer(
-            model=model, args=self.training_arguments(output_dir), eval_dataset=self.eval_set,
-            data_collator=default_data_collator,
-        )  # fmt: skip
-        return float(trainer.evaluate()["eval_loss"])
-
-    def prepare(self, cache_dir: Path) -> dict[str, Any]:
-        """Pretrain the whole model on the pretraining topics, or load it from the cache; return `pretrain.json`."""
-        s = self.settings
-        folder = cache_folder(cache_dir, "text", s, self.device)
-        scratch = TRAINER_SCRATCH
-        if (folder / "pretrain.json").is_file():
-            self.folder = folder
-            self.info = {**json.loads((folder / "pretrain.json").read_text()), "cached": True}
-            return self.info
-        set_seed(s.seed)
-        model = LlamaForCausalLM(self.config())
-        before = self.evaluate(model, scratch)
-        trainer = quiet_trainer(
-            model=model,
-            args=self.training_arguments(
-                scratch, max_steps=s.pretrain_steps, per_device_train_batch_size=s.pretrain_batch_size,
-                learning_rate=s.pretrain_lr, warmup_steps=0.1, weight_decay=0.0, seed=s.seed,
-                logging_steps=max(1, s.pretrain_steps // 20),
-            ),
-            train_dataset=self.pretrain_set,
-            data_collator=default_data_collator,
-        )  # fmt: skip
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-        info = {
-            "what": "LlamaForCausalLM pretrained in full on the pretraining topics",
-            "settings": asdict(s),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "pretrain_time_s": seconds,
-            "train_loss_first_logged": losses[0],
-            "train_loss_last_logged": losses[-1],
-            "heldout_loss_random_init": before,
-            "heldout_loss_pretrained": self.evaluate(model, scratch),
-            "heldout": "the held-out end of the fine-tuning topics (the fine-tuning evaluation set)",
-            "data": self.data_summary(),
-            "device": self.device,
-            "versions": versions(),
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        (folder / "pretrain.json").write_text(json.dumps(info, indent=2))  # last: marks a complete cache
-        self.folder = folder
-        self.info = {**info, "cached": False}
-        return self.info
-
-
-class TextTask(FinetuneTask):
-    """Fine-tuning the text backbone on the held-out topics, with LoRA (`mode="lora"`) or in full (`"full"`)."""
+class LMTask(Task):
+    """Causal-LM fine-tuning of the code LM: `source` "pydoc" (domain adaptation) or "control"; `mode` full/lora."""
 
     quality_name = "held-out loss"
     higher_is_better = False
 
-    def __init__(self, backbone: TextBackbone, mode: str, settings: FinetuneSettings, device: str) -> None:
-        super().__init__(settings, device)
-        self.backbone = backbone
-        self.mode = mode
-        self.name = f"text-{mode}"
+    def __init__(self, backbone: CodeLM, source: str, mode: str, settings: RunSettings, lm: LMTaskSettings) -> None:
+        super().__init__(settings)
+        self.backbone, self.source, self.mode, self.lm = backbone, source, mode, lm
+        self.name = f"{source}-{mode}" if source == "pydoc" else source
+        self.eval_set: torch.Tensor | None = None
 
-    def prepare(self, cache_dir: Path) -> dict[str, Any]:
-        self.pretraining = self.backbone.prepare(cache_dir) if self.backbone.info is None else self.backbone.info
-        return self.pretraining
+    def prepare(self, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+        info = self.backbone.prepare(cache_dir, log) if not self.backbone.info else self.backbone.info
+        lm, tok = self.lm, self.backbone.tokenizer
 
-    def data_summary(self) -> dict[str, Any]:
-        return self.backbone.data_summary()
+        def build() -> dict[str, Any]:
+            if self.source == "pydoc":
+                train_texts, eval_texts = pydoc_topics_split()
+                what = "pydoc_data.topics: the first 80% of each topic / the last 20%"
+            else:
+                reserved = source_part("reserved", 3_000_000)
+                train_texts = [t for i, (_, t) in enumerate(reserved.files) if i % 2 == 0]
+                eval_texts = [t for i, (_, t) in enumerate(reserved.files) if i % 2 == 1]
+                what = f"{len(reserved.files)} reserved source files (never pretrained on), alternate files"
+            train = token_stream(train_texts, tok, lm.block_size)
+            held = token_stream(eval_texts, tok, lm.block_size)
+            return {
+                "train": _pick(train, lm.train_blocks), "eval": _pick(held, lm.eval_blocks), "what": what,
+                "train_blocks_available": len(train), "eval_blocks_available": len(held),
+            }  # fmt: skip
 
-    def _model(self, seed: int) -> nn.Module:
+        data = _cached(self.backbone.folder, f"{self.source}-{json.dumps(dataclasses.asdict(lm))}", build)
+        self.train_inputs = {"input_ids": data["train"]}
+        self.eval_set = data["eval"]
+        self.data = {k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}
+        self.data.update(
+            {"train_blocks": len(data["train"]), "eval_blocks": len(data["eval"]), "block_size": lm.block_size}
+        )
+        return info
+
+    def model(self, seed: int) -> nn.Module:
         model = LlamaForCausalLM.from_pretrained(self.backbone.folder)
         if self.mode == "lora":
-            set_seed(seed)  # the adapters' initialization
-            model = get_peft_model(model, lora_config())
+            torch.manual_seed(seed)
+            model = get_peft_model(
+                model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS)
+            )
         return model
 
-    def run(self, steps: int, seed: int, freeze: dict[str, Any] | None) -> RunResult:
-        s = self.settings
-        model = self._model(seed)
-        freezing = None
-        if freeze is not None:
-            freezing = LayerFreezingCallback(freeze_every="step", **UNIT_OPTIONS, **freeze)
-        recorder = _StepRecorder(freezing, self.device)
-        trainer = quiet_trainer(
-            model=model,
-            args=self.backbone.training_arguments(
-                TRAINER_SCRATCH, max_steps=steps, per_device_train_batch_size=s.batch_size, learning_rate=s.lr,
-                warmup_steps=s.warmup_ratio, weight_decay=s.weight_decay, seed=seed, logging_steps=max(steps, 1),
-            ),
-            train_dataset=self.backbone.train_set,
-            eval_dataset=self.backbone.eval_set,
-            data_collator=default_data_collator,
-            callbacks=[cb for cb in (freezing, recorder) if cb is not None],
-        )  # fmt: skip
-        synchronize(self.device)
-        start = time.perf_counter()
-        trainer.train()
-        synchronize(self.device)
-        seconds = time.perf_counter() - start
-        if freezing is not None:
-            self.check_units(freezing.freezer)
-        loss = float(trainer.evaluate()["eval_loss"])  # the callback gave the frozen units back: the model as trained
-        result = RunResult(
-            steps=trainer.state.global_step,
-            quality=loss,
-            train_time_s=seconds,
-            step_time_s=recorder.step_time_s,
-            frozen_units_per_step=recorder.frozen_units,
-            num_units=freezing.freezer.num_units if freezing is not None else None,
-            extra={"perplexity": math.exp(loss), "trainable_params": _trainable(model), **_cache_stats(freezing)},
-        )
-        del trainer, model
-        gc.collect()
-        return result
+    def loss(self, model, inputs, labels):
+        return model(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
 
-    def _meta_model_and_loss(self) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
-        config = self.backbone.config()
+    def quality(self, model: nn.Module) -> float:
+        return lm_loss(model, self.eval_set)
+
+    def meta_model(self) -> nn.Module:
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM(self.backbone.config())
             if self.mode == "lora":
-                model = get_peft_model(model, lora_config())
-            shape = (self.settings.batch_size, self.backbone.settings.block_size)
-            ids = torch.zeros(shape, dtype=torch.long)
+                model = get_peft_model(
+                    model, LoraConfig(task_type="CAUSAL_LM", r=self.lm.lora_r, target_modules=LORA_TARGETS)
+                )
+        return model
+
+
+@dataclass(frozen=True)
+class ClassifySettings:
+    per_class: int = 12
+    test_per_class: int = 100
+    max_tokens: int = 32
+    min_chars: int = 80
+
+
+class ClassifyTask(Task):
+    """Docstrings by package, `LlamaForSequenceClassification` on the code LM (see the module docstring)."""
+
+    name = "classify"
+    quality_name = "test accuracy"
+    higher_is_better = True
+
+    def __init__(self, backbone: CodeLM, settings: RunSettings, cls: ClassifySettings) -> None:
+        super().__init__(settings)
+        self.backbone, self.cls = backbone, cls
+
+    def prepare(self, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+        info = self.backbone.prepare(cache_dir, log) if not self.backbone.info else self.backbone.info
+        c, tok = self.cls, self.backbone.tokenizer
+
+        def build() -> dict[str, Any]:
+            examples = docstring_examples(CLASSIFY_PACKAGES, c.min_chars, 4 * c.max_tokens * 4)
+            out: dict[str, Any] = {"packages": list(CLASSIFY_PACKAGES)}
+            for side, count in (("train", c.per_class), ("test", c.test_per_class)):
+                part = examples[side]
+                order = torch.randperm(len(part.texts), generator=torch.Generator().manual_seed(1)).tolist()
+                chosen: list[int] = []
+                taken = [0] * len(CLASSIFY_PACKAGES)
+                for i in order:
+                    if taken[part.labels[i]] < count:
+                        chosen.append(i)
+                        taken[part.labels[i]] += 1
+                if min(taken) < count:
+                    raise ValueError(f"classify: only {taken} {side} docstrings for {CLASSIFY_PACKAGES}")
+                enc = tok(
+                    [part.texts[i] for i in chosen], max_length=c.max_tokens, truncation=True, padding="max_length",
+                    return_tensors="pt",
+                )  # fmt: skip
+                out[side] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                             "labels": torch.tensor([part.labels[i] for i in chosen])}  # fmt: skip
+                out[f"{side}_available"] = len(part.texts)
+                out[f"{side}_files"] = len({part.files[i] for i in chosen})
+            return out
+
+        data = _cached(self.backbone.folder, f"classify-{json.dumps(dataclasses.asdict(c))}", build)
+        self.train_inputs = {k: data["train"][k] for k in ("input_ids", "attention_mask")}
+        self.train_labels = data["train"]["labels"]
+        self.test = data["test"]
+        self.data = {k: v for k, v in data.items() if k not in ("train", "test")}
+        self.data.update({"train_examples": self.num_train, "test_examples": len(self.test["labels"])})
+        return info
+
+    def meta_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Without the attention mask: on the meta device the mask's `.item()` checks fail; attention is counted the
+        same with or without it (the padded positions are computed either way)."""
+        inputs, labels = super().meta_batch()
+        del inputs["attention_mask"]
+        return inputs, labels
+
+    def _config(self):
+        config = self.backbone.config()
+        config.num_labels = len(CLASSIFY_PACKAGES)
+        return config
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)  # the new head
+        return LlamaForSequenceClassification.from_pretrained(self.backbone.folder, num_labels=len(CLASSIFY_PACKAGES))
+
+    def loss(self, model, inputs, labels):
+        return F.cross_entropy(model(**inputs).logits, labels)
+
+    @torch.no_grad()
+    def quality(self, model: nn.Module) -> float:
+        model.eval()
+        correct = 0
+        for i in range(0, len(self.test["labels"]), 128):
+            logits = model(input_ids=self.test["input_ids"][i : i + 128],
+                           attention_mask=self.test["attention_mask"][i : i + 128]).logits  # fmt: skip
+            correct += int((logits.argmax(-1) == self.test["labels"][i : i + 128]).sum())
         model.train()
+        return correct / len(self.test["labels"])
 
-        def loss_of(model: nn.Module) -> torch.Tensor:
-            return model(input_ids=ids, labels=ids).loss
-
-        return model, loss_of
-
-
-def _cache_stats(freezing: LayerFreezingCallback | None) -> dict[str, Any]:
-    """With activation caching: the training forwards that could use the cache, and those it served."""
-    cache = freezing.freezer.activation_cache if freezing is not None and freezing.freezer is not None else None
-    if cache is None:
-        return {}
-    return {"cache_lookups": cache.total_steps, "cache_hits": cache.total_hits}
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def meta_model(self) -> nn.Module:
+        with torch.device("meta"):
+            return LlamaForSequenceClassification(self._config())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Vision
 
 
-def random_affine(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """
-    Each image rotated by up to 10°, scaled by 0.9-1.1 and shifted by up to 10% of its side, as
-    `examples/train_timm.py`'s jitter, but for the whole batch at once (one `grid_sample`) and drawn from `generator`.
-    The background (-1 after normalization) fills what comes in from outside.
-    """
-    n = images.shape[0]
-    u = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle, scale = u[:, 0] * math.radians(10), 1 + 0.1 * u[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, 0.2 * u[:, 2]], 1), torch.stack([sin, cos, 0.2 * u[:, 3]], 1)], 1)
-    theta = theta.to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images + 1, grid, align_corners=False, padding_mode="zeros") - 1
+@dataclass(frozen=True)
+class VisionTaskSettings:
+    classes: tuple[int, ...] = (5, 6, 7, 8, 9)
+    per_class: int = 20
 
 
-class VisionTask(FinetuneTask):
-    """Few-shot fine-tuning of a ResNet pretrained on the other digits, in a plain loop with `LayerFreezer`."""
-
+class VisionTask(Task):
     name = "vision"
     quality_name = "test accuracy"
     higher_is_better = True
 
-    def __init__(
-        self, vision: VisionSettings, settings: FinetuneSettings, device: str, shots: int, draw_seed: int = 0
-    ) -> None:
-        super().__init__(settings, device)
-        self.vision = vision
-        self.shots = shots
-        data = load_image_data(None, None, vision.image_size, seed=0)  # the embedded digits, stratified 80/20
-        train, test = data.train[:], data.test[:]  # in memory, as tensors
-        train_x, train_y = train["pixel_values"], train["label"]
-        test_x, test_y = test["pixel_values"], test["label"]
-        pre = torch.tensor([int(y) in vision.pretrain_classes for y in train_y])
-        pre_test = torch.tensor([int(y) in vision.pretrain_classes for y in test_y])
-        self.classes = [c for c in range(data.num_classes) if c not in vision.pretrain_classes]
-        remap = torch.full((data.num_classes,), -1, dtype=torch.long)
-        remap[list(vision.pretrain_classes)] = torch.arange(len(vision.pretrain_classes))
-        remap[self.classes] = torch.arange(len(self.classes))
-        self.pretrain_x, self.pretrain_y = train_x[pre], remap[train_y[pre]]
-        self.pretrain_test_x, self.pretrain_test_y = test_x[pre_test], remap[test_y[pre_test]]
-        # The few-shot images: `shots` per class, drawn once with `draw_seed` (every seed fine-tunes on the same
-        # ones). Every other image of these classes, of the test split and of the unused training images, is test data.
-        draw = torch.Generator().manual_seed(draw_seed)
-        chosen = []
-        for c in self.classes:
-            indices = (train_y == c).nonzero().flatten()
-            chosen.append(indices[torch.randperm(len(indices), generator=draw)[:shots]])
-        chosen_mask = torch.zeros(len(train_y), dtype=torch.bool)
-        chosen_mask[torch.cat(chosen)] = True
-        new_train = torch.tensor([int(y) in self.classes for y in train_y])
-        new_test = ~pre_test
-        self.train_x, self.train_y = train_x[chosen_mask], remap[train_y[chosen_mask]]
-        rest = new_train & ~chosen_mask
-        self.test_x = torch.cat([test_x[new_test], train_x[rest]])
-        self.test_y = torch.cat([remap[test_y[new_test]], remap[train_y[rest]]])
-        self.folder: Path | None = None
+    def __init__(self, backbone: DigitsResNet, settings: RunSettings, vision: VisionTaskSettings) -> None:
+        super().__init__(settings)
+        self.backbone, self.vision = backbone, vision
 
-    def pretrain_data_summary(self) -> dict[str, Any]:
-        return {
-            "source": "scikit-learn digits (8x8, upsampled to 32x32 RGB), stratified 80/20 split (seed 0)",
-            "pretrain_classes": list(self.vision.pretrain_classes),
-            "pretrain_train_images": len(self.pretrain_y),
-            "pretrain_test_images": len(self.pretrain_test_y),
-        }
+    def prepare(self, cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+        info = self.backbone.prepare(cache_dir, log) if not self.backbone.info else self.backbone.info
+        x, y, tx, ty = digits_split(self.vision.classes)
+        draw = torch.Generator().manual_seed(0)
+        chosen = torch.cat([
+            (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=draw)[: self.vision.per_class]]
+            for c in range(len(self.vision.classes))
+        ])  # fmt: skip
+        rest = torch.ones(len(y), dtype=torch.bool)
+        rest[chosen] = False
+        self.train_inputs = {"x": x[chosen]}
+        self.train_labels = y[chosen]
+        self.test_x, self.test_y = torch.cat([tx, x[rest]]), torch.cat([ty, y[rest]])
+        self.data = {"classes": list(self.vision.classes), "train_images": len(chosen),
+                     "test_images": len(self.test_y),
+                     "test": "the test split of digits 5-9 and their training images not drawn"}  # fmt: skip
+        return info
 
-    def data_summary(self) -> dict[str, Any]:
-        """The data of the pretraining and of the fine-tuning (whose few-shot draw is not part of the backbone)."""
-        return {
-            **self.pretrain_data_summary(),
-            "finetune_classes": self.classes,
-            "finetune_shots_per_class": self.shots,
-            "finetune_train_images": len(self.train_y),
-            "finetune_test_images": len(self.test_y),
-        }
+    def model(self, seed: int) -> nn.Module:
+        return self.backbone.new_model(len(self.vision.classes), seed)
 
-    def _new_model(self) -> nn.Module:
-        v = self.vision
-        return timm.create_model(v.architecture, pretrained=False, num_classes=len(v.pretrain_classes))
-
-    def _train(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: FinetuneSettings,
-        steps: int,
-        seed: int,
-        freeze: dict[str, Any] | None,
-    ) -> tuple[float, float, list[int], LayerFreezer | None, list[float]]:
-        """The training loop; returns (loop seconds, summed step seconds, frozen units per step, freezer, losses)."""
-        device = self.device
-        model.to(device).train()
-        x, y = x.to(device), y.to(device)
-        generator = torch.Generator().manual_seed(seed)  # batches and jitter
-        per_epoch = len(x) // settings.batch_size
-        if per_epoch == 0:
-            raise ValueError(f"batch size {settings.batch_size} exceeds the {len(x)} training images")
-        frozen: list[int] = []
-        losses: list[float] = []
-        step_seconds = 0.0
-        synchronize(device)
-        start = time.perf_counter()
-        # As in the Trainer, building the optimizer, the schedule and the freezer is part of training.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * steps), steps)
-        freezer = LayerFreezer(model, optimizer, **UNIT_OPTIONS, **freeze) if freeze is not None else None
-        order = torch.arange(len(x))
-        for step in range(steps):
-            if step % per_epoch == 0:
-                order = torch.randperm(len(x), generator=generator)
-            index = order[(step % per_epoch) * settings.batch_size : (step % per_epoch + 1) * settings.batch_size]
-            images = random_affine(x[index.to(device)], generator)
-            frozen.append(freezer.frozen_units if freezer is not None else 0)
-            synchronize(device)
-            step_start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = F.cross_entropy(model(images), y[index.to(device)])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if freezer is not None:
-                freezer.update((step + 1) / steps)  # as the callback's freeze_every="step"; adaptive checks inside
-            synchronize(device)
-            step_seconds += time.perf_counter() - step_start
-            if step % max(1, per_epoch) == 0 or step == steps - 1:
-                losses.append(loss.item())
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        if freezer is not None:
-            freezer.unfreeze()
-            freezer.close()
-        return seconds, step_seconds, frozen, freezer, losses
+    def loss(self, model, inputs, labels):
+        return F.cross_entropy(model(inputs["x"]), labels)
 
     @torch.no_grad()
-    def _accuracy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    def quality(self, model: nn.Module) -> float:
         model.eval()
-        correct = 0
-        for i in range(0, len(x), 256):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
-                logits = model(x[i : i + 256].to(self.device))
-            correct += int((logits.argmax(-1).cpu() == y[i : i + 256]).sum())
+        correct = sum(
+            int((model(xb).argmax(-1) == yb).sum())
+            for xb, yb in zip(self.test_x.split(256), self.test_y.split(256), strict=True)
+        )
         model.train()
-        return correct / len(x)
+        return correct / len(self.test_y)
 
-    def prepare(self, cache_dir: Path) -> dict[str, Any]:
-        v = self.vision
-        folder = cache_folder(cache_dir, "vision", v, self.device)
-        self.folder = folder
-        if (folder / "pretrain.json").is_file():
-            self.pretraining = {**json.loads((folder / "pretrain.json").read_text()), "cached": True}
-            return self.pretraining
-        set_seed(v.seed)
-        model = self._new_model()
-        steps = v.pretrain_epochs * (len(self.pretrain_y) // v.pretrain_batch_size)
-        schedule = FinetuneSettings(steps, v.pretrain_batch_size, v.pretrain_lr, 0.1, v.pretrain_weight_decay)
-        seconds, _, _, _, losses = self._train(model, self.pretrain_x, self.pretrain_y, schedule, steps, v.seed, None)
-        info = {
-            "what": f"timm {v.architecture} (random init) trained in full on digits {list(v.pretrain_classes)}",
-            "settings": asdict(v),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "steps": steps,
-            "pretrain_time_s": seconds,
-            "train_loss_first_logged": losses[0],
-            "train_loss_last_logged": losses[-1],
-            "pretrain_test_accuracy": self._accuracy(model, self.pretrain_test_x, self.pretrain_test_y),
-            "heldout": "the test split of the pretraining classes",
-            "data": self.pretrain_data_summary(),
-            "device": self.device,
-            "versions": versions(),
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({k: t.cpu() for k, t in model.state_dict().items()}, folder / "model.pt")
-        (folder / "pretrain.json").write_text(json.dumps(info, indent=2))  # last: marks a complete cache
-        self.pretraining = {**info, "cached": False}
-        return self.pretraining
+    def meta_model(self) -> nn.Module:
+        import timm
 
-    def _model(self, seed: int) -> nn.Module:
-        model = self._new_model()
-        model.load_state_dict(torch.load(self.folder / "model.pt", weights_only=True))
-        set_seed(seed)
-        model.reset_classifier(len(self.classes))  # a new head for the new classes, initialized by the seed
-        return model
-
-    def run(self, steps: int, seed: int, freeze: dict[str, Any] | None) -> RunResult:
-        model = self._model(seed)
-        seconds, step_seconds, frozen, freezer, losses = self._train(
-            model, self.train_x, self.train_y, self.settings, steps, seed, freeze
-        )
-        if freezer is not None:
-            self.check_units(freezer)
-        accuracy = self._accuracy(model, self.test_x, self.test_y)
-        result = RunResult(
-            steps=steps,
-            quality=accuracy,
-            train_time_s=seconds,
-            step_time_s=step_seconds,
-            frozen_units_per_step=frozen,
-            num_units=freezer.num_units if freezer is not None else None,
-            extra={"final_train_loss": losses[-1]},
-        )
-        del model
-        gc.collect()
-        return result
-
-    def _meta_model_and_loss(self) -> tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]:
-        v = self.vision
         with torch.device("meta"):
-            model = timm.create_model(v.architecture, pretrained=False, num_classes=len(self.classes))
-            images = torch.empty(self.settings.batch_size, 3, v.image_size, v.image_size)
-            labels = torch.zeros(self.settings.batch_size, dtype=torch.long)
-        model.train()
-
-        def loss_of(model: nn.Module) -> torch.Tensor:
-            return F.cross_entropy(model(images), labels)
-
-        return model, loss_of
+            return timm.create_model(self.backbone.settings.architecture, num_classes=len(self.vision.classes))
