@@ -179,8 +179,36 @@ class ActivationCache:
 
     @classmethod
     def from_freezer(cls, freezer: Any) -> ActivationCache | None:
-        """With `cache_activations=True`: the model as given (a compiled one is refused), `cache_max_bytes`."""
-        return cls(freezer.model, freezer.options.cache_max_bytes) if freezer.options.cache_activations else None
+        """With `cache_activations=True`: the model as given (a compiled one is refused), `cache_max_bytes`; warns
+        when the freezer can never freeze what the cache needs frozen (`warn_if_never_served`)."""
+        if not freezer.options.cache_activations:
+            return None
+        cache = cls(freezer.model, freezer.options.cache_max_bytes)
+        cache.warn_if_never_served(freezer.units, freezer.options.embeddings)
+        return cache
+
+    def warn_if_never_served(self, units: Any, embeddings: str = "unit") -> None:
+        """
+        Warn, naming them, when parameters the cache needs frozen (those of the modules before the first block and of
+        the modules above the blocks) train and are in none of the freezer's `units`, so no prefix can ever be cached:
+        `embeddings="skip"`, an embedding tied to the head (a tied Llama's `embed_tokens` is the head's), a
+        `head` option naming the embeddings.
+        """
+        in_units = {id(p) for unit in units for p in unit.parameters}
+        needed = [*(p for m in self.layout.before for p in m.parameters()), *self.layout.ancestor_parameters]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        never = sorted({names.get(id(p), "?") for p in needed if p.requires_grad and id(p) not in in_units})
+        if never:
+            if embeddings == "skip":
+                why = 'embeddings="skip" keeps them training'
+            else:
+                why = "they are in no freezable unit (an embedding tied to the head is the head's, never frozen)"
+            shown = ", ".join(never[:4]) + (f" and {len(never) - 4} more" if len(never) > 4 else "")
+            warnings.warn(
+                f"cache_activations=True can never serve: the cache needs {shown} frozen, and {why}. Use "
+                'embeddings="unit" or "merge", untied embeddings, or cache_activations=False.',
+                stacklevel=3,
+            )
 
     def metrics(self) -> dict[str, float]:
         """The listener's metrics for `LayerFreezer.metrics()`: `take_metrics()`."""
@@ -198,8 +226,10 @@ class ActivationCache:
                 if not _frozen(block):
                     break
                 cut = index
-        if cut != self.cut:
+        if cut != self.cut and cut >= 0:
             logger.info("Activation cache: the frozen prefix ends at block %d of %d.", cut, len(self.layout.blocks))
+        elif cut != self.cut:
+            logger.info("Activation cache: no frozen prefix to cache (the embeddings and the first block train).")
         self.cut = cut
         if cut >= 0 and not self._handles:
             self._install()

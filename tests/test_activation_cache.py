@@ -667,3 +667,24 @@ class _ByteTokenizer(tf.PreTrainedTokenizerBase):
 
     def __init__(self):
         pass
+
+
+@pytest.mark.parametrize(
+    ("tied", "embeddings", "never"),
+    [(True, "unit", "model.embed_tokens.weight"), (False, "skip", "model.embed_tokens.weight"), (False, "merge", None)],
+    ids=["tied-embedding", "embeddings-skip", "untied-merge"],
+)
+def test_a_cache_that_can_never_serve_says_why_when_built(tied, embeddings, never):
+    # A tied Llama's embed_tokens is the head's and embeddings="skip" keeps it training: the prefix can never be
+    # frozen whole, so caching would silently do nothing all run.
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, tie_word_embeddings=tied))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        freezer = LayerFreezer(model, optimizer, cache_activations=True, embeddings=embeddings, head=["lm_head"])
+    said = [str(w.message) for w in caught if "can never serve" in str(w.message)]
+    if never is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and never in said[0] and (embeddings != "skip" or 'embeddings="skip"' in said[0])
+    freezer.close()
