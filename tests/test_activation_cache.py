@@ -671,7 +671,11 @@ class _ByteTokenizer(tf.PreTrainedTokenizerBase):
 
 @pytest.mark.parametrize(
     ("tied", "embeddings", "never"),
-    [(True, "unit", "model.embed_tokens.weight"), (False, "skip", "model.embed_tokens.weight"), (False, "merge", None)],
+    [
+        (True, "unit", "model.embed_tokens.weight"),
+        (False, "skip", "model.embed_tokens.weight"),
+        (False, "merge", None),
+    ],
     ids=["tied-embedding", "embeddings-skip", "untied-merge"],
 )
 def test_a_cache_that_can_never_serve_says_why_when_built(tied, embeddings, never):
