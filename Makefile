@@ -57,6 +57,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ddp_comm.py
 	$(BIN)/python benchmarks/bench_accuracy.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_finetune.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_cache.py --output benchmarks/results/cache.json
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info
