@@ -81,7 +81,7 @@ from .forward_hooks import (
     walk_modules,
 )
 from .shard_sampler import FixedShardSampler
-from .wrappers import is_compiled, unwrap_model
+from .wrappers import is_compiled, unwrap_model, wrapper_chain
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class ActivationCache:
                 "cache_activations=True does not support a compiled model: the cache decides in Python at each step "
                 "whether the prefix runs. Train uncompiled, or use cache_activations=False."
             )
-        if is_fsdp_managed(unwrap_model(model)):
+        if any(is_fsdp_managed(module) for module in wrapper_chain(model)):  # FSDP1 at the root only included
             raise NotImplementedError(
                 "cache_activations=True does not support FSDP: ranks that skip a frozen module's forward would skip "
                 "its all-gather. Use DDP, or cache_activations=False."

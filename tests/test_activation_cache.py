@@ -692,3 +692,24 @@ def test_a_cache_that_can_never_serve_says_why_when_built(tied, embeddings, neve
     else:
         assert len(said) == 1 and never in said[0] and (embeddings != "skip" or 'embeddings="skip"' in said[0])
     freezer.close()
+
+
+def test_fsdp_is_refused_by_name_at_the_root_only_and_per_block(tmp_path):
+    # ranks that skip a frozen module's forward would skip its all-gather: FSDP is refused however it wraps the model
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        root_only = FullyShardedDataParallel(_llama(), device_id=torch.device("cpu"), use_orig_params=True)
+        per_block = _llama()
+        for layer in per_block.model.layers:
+            fully_shard(layer)
+        fully_shard(per_block)
+        for model in (root_only, per_block):
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            with pytest.raises(NotImplementedError, match="cache_activations=True does not support FSDP"):
+                LayerFreezer(model, optimizer, cache_activations=True)
+            LayerFreezer(model, optimizer).close()  # without caching: served
+    finally:
+        dist.destroy_process_group()
