@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "examples") not in sys.path:
     sys.path.insert(0, str(ROOT / "examples"))
 
-from text_data import build_tokenizer  # noqa: E402
+from text_data import _cut_at_paragraph, build_tokenizer, load_topics, token_ids  # noqa: E402
 
 MAX_FILE_BYTES = 256_000
 PARTS = ("pretrain", "heldout", "reserved")
@@ -130,33 +129,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_chars: int):
 
 
 def token_stream(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    """Every text tokenized, each followed by the end-of-sequence token, concatenated, cut into `[n, block_size]`
-    blocks (the remainder dropped)."""
-    ids: list[int] = []
-    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
-    count = len(ids) // block_size
-    if count == 0:
-        raise ValueError(f"block_size {block_size} exceeds the text ({len(ids)} tokens)")
-    return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
-
-
-def _cut_at_paragraph(text: str, fraction: float) -> tuple[str, str]:
-    breaks = [m.start() for m in re.finditer("\n\n", text)]
-    if not breaks:
-        return text, ""
-    cut = min(breaks, key=lambda i: abs(i - fraction * len(text)))
-    return text[:cut].rstrip(), text[cut:].lstrip()
+    """`text_data.token_ids` as one `[n, block_size]` tensor: every text tokenized, each followed by the
+    end-of-sequence token, concatenated, cut into blocks (the remainder dropped)."""
+    return torch.tensor(token_ids(texts, tokenizer, block_size), dtype=torch.long).view(-1, block_size)
 
 
 def pydoc_topics_split(eval_fraction: float = 0.2) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): each `pydoc_data.topics` topic cut near `1 - eval_fraction` of its length."""
-    from pydoc_data.topics import topics
-
     train, held = [], []
-    for name in sorted(topics):
-        head, tail = _cut_at_paragraph(topics[name], 1 - eval_fraction)
+    for text in load_topics().values():
+        head, tail = _cut_at_paragraph(text, 1 - eval_fraction)
         train.append(head)
         if tail:
             held.append(tail)

@@ -188,6 +188,29 @@ def build_tokenizer(
     return wrapped
 
 
+def token_ids(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> list[list[int]]:
+    """
+    The token ids of `token_blocks`' rows: every text tokenized and followed by the end-of-sequence token, all
+    concatenated, cut into `len // block_size` lists of `block_size` ids (the remainder dropped).
+
+    Raises:
+        `ValueError`: `block_size` not positive, a tokenizer without an end-of-sequence token, or a text shorter than
+            one block.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("token_blocks needs a tokenizer with an end-of-sequence token (eos_token)")
+    ids: list[int] = []
+    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(tokenizer.eos_token_id)
+    count = len(ids) // block_size
+    if count == 0:
+        raise ValueError(f"block_size {block_size} is longer than the whole text ({len(ids)} tokens): no block")
+    return [ids[i * block_size : (i + 1) * block_size] for i in range(count)]
+
+
 def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> datasets.Dataset:
     """
     Causal-LM training examples the way `run_clm.py` makes them: every text tokenized and followed by the
@@ -213,18 +236,8 @@ def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block
 
     ```
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("token_blocks needs a tokenizer with an end-of-sequence token (eos_token)")
-    ids: list[int] = []
-    for encoded in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
-        ids.append(tokenizer.eos_token_id)
-    count = len(ids) // block_size
-    if count == 0:
-        raise ValueError(f"block_size {block_size} is longer than the whole text ({len(ids)} tokens): no block")
-    blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(count)]
+    blocks = token_ids(texts, tokenizer, block_size)
+    count = len(blocks)
     return datasets.Dataset.from_dict(
         {"input_ids": blocks, "attention_mask": [[1] * block_size] * count, "labels": [list(b) for b in blocks]}
     )
