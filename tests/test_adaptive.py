@@ -27,20 +27,27 @@ def _is_prefix(freezer: LayerFreezer) -> bool:
     return states == [True] * k + [False] * (len(states) - k)
 
 
+def _counts_on_one_batch(model, optimizer, freezer: LayerFreezer, steps: int) -> list[int]:
+    """Train `steps` steps on one fixed batch, calling `update(step / steps)` after each; the frozen count after each
+    step, checking that what is frozen is always a prefix."""
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    counts = []
+    for step in range(1, steps + 1):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(freezer.update(step / steps).frozen_units)
+        assert _is_prefix(freezer)
+    return counts
+
+
 def test_constant_gradients_freeze_at_the_first_check_after_warm_up_up_to_the_level():
     """With the same batch and a zero learning rate every gradient norm repeats exactly: every unit has settled,
     so the first check after freeze_start freezes up to freeze_level, and not one unit more."""
     model = tiny_timm()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     freezer = LayerFreezer(model, optimizer, freeze_start=0.5, freeze_level=0.5, schedule="adaptive", check_every=10)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    counts = []
-    for step in range(1, 101):
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        counts.append(freezer.update(step / 100).frozen_units)
-        assert _is_prefix(freezer)
+    counts = _counts_on_one_batch(model, optimizer, freezer, 100)
     assert counts[:59] == [0] * 59  # checks at 10, ..., 50 are before freeze_start; 60 is the first after it
     assert counts[59:] == [14] * 41  # freeze_level 0.5 of 28 units, never beyond
     assert freezer.gradient_norms.last_changes and max(freezer.gradient_norms.last_changes) == 0.0
@@ -224,14 +231,7 @@ def test_the_start_level_is_a_floor_from_freeze_start_on(freeze_start):
         check_every=4,
     )  # fmt: skip
     assert freezer.update(0.0).frozen_units == (7 if freeze_start == 0 else 0)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    counts = []
-    for step in range(1, 41):
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        counts.append(freezer.update(step / 40).frozen_units)
-        assert _is_prefix(freezer)
+    counts = _counts_on_one_batch(model, optimizer, freezer, 40)
     if freeze_start:  # nothing before 0.5; the floor at 0.5 (step 20); the first check after it (24) up to the level
         assert counts == [0] * 19 + [7] * 4 + [14] * 17
     else:  # the floor from the first step; the second check (8) up to the level

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import RandomImages, tiny_timm, train_steps
-from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, Trainer, TrainingArguments
+from test_callback import _args
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, Trainer
 
 from hf_layer_freeze import LayerFreezer, LayerFreezingCallback
 from hf_layer_freeze.state_offload import StateOffload
@@ -254,20 +255,7 @@ def _trainer(output_dir: Path, seed: int = 0, **callback_options) -> tuple[Train
     torch.manual_seed(seed)
     model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=10))
     callback = LayerFreezingCallback(freeze_start=0.2, freeze_every="step", **callback_options)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=10,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=2,
-        save_strategy="steps",
-        save_steps=6,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
+    args = _args(output_dir, max_steps=10, weight_decay=0.0, save_strategy="steps", save_steps=6)
     return Trainer(model=model, args=args, train_dataset=RandomImages(64), callbacks=[callback]), callback
 
 
